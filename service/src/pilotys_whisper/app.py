@@ -1,0 +1,400 @@
+"""The HTTP API: the original /transcribe contract, OpenAI's /v1/audio/*, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flask import Flask, Request, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .admission import Admission
+from .audio import probe, too_long
+from .auth import KeyRing, Principal
+from .engines import Engine, TranscribeOptions, build_engine
+from .errors import ApiError, http_error
+from .formats import RESPONSE_FORMATS, render, to_legacy
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .settings import Settings
+
+log = logging.getLogger("pilotys_whisper")
+access_log = logging.getLogger("pilotys_whisper.access")
+
+# Room for the multipart envelope and the small form fields around the file itself.
+MULTIPART_OVERHEAD = 1024 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+GRANULARITIES = ("segment", "word")
+
+
+def _languages() -> frozenset[str]:
+    try:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+    except ImportError:  # openai-whisper only
+        from whisper.tokenizer import LANGUAGES
+
+        return frozenset(LANGUAGES)
+    return frozenset(_LANGUAGE_CODES)
+
+
+class UploadRequest(Request):
+    """Uploaded files go straight to named temporary files (ffmpeg needs a path; nothing sits in memory).
+
+    They are deleted when the request ends, whatever happened.
+    """
+
+    upload_dir: str | None = None
+    max_form_memory_size = 1024 * 1024
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix="whisper-upload-")
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    engine: Engine
+    keyring: KeyRing
+    admission: Admission
+    metrics: Metrics
+    languages: frozenset[str]
+    ready: threading.Event = field(default_factory=threading.Event)
+    load_error: str | None = None
+    jobs: object | None = None  # JobManager when WHISPER_STATE_DIR is set
+
+    def load_model(self, on_error: Callable[[BaseException], None] | None = None) -> None:
+        started = time.monotonic()
+        try:
+            self.engine.load()
+        except BaseException as exc:  # noqa: BLE001 - reported, then the caller decides
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", self.settings.model_label, self.load_error)
+            if on_error is not None:
+                on_error(exc)
+            return
+        self.metrics.ready.set(1)
+        self.ready.set()
+        log.info("ready: model %s loaded in %.1f s", self.settings.model_label, time.monotonic() - started)
+
+    def start_loading(self, on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
+        thread = threading.Thread(target=self.load_model, args=(on_error,), name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def authenticate(self) -> Principal:
+        principal = self.keyring.authenticate(request.headers.get("Authorization"))
+        if principal is None:
+            presented = bool(request.headers.get("Authorization"))
+            challenge = 'Bearer realm="whisper"' + (', error="invalid_token"' if presented else "")
+            raise ApiError(401, "invalid_api_key" if presented else "missing_api_key",
+                           "the API key is not valid" if presented else
+                           "send the API key as 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": challenge})
+        g.principal = principal
+        return principal
+
+    def require_ready(self) -> None:
+        if not self.ready.is_set():
+            if self.load_error:
+                raise ApiError(503, "model_unavailable", f"the model failed to load ({self.load_error})")
+            raise ApiError(503, "model_loading", "the model is still loading; retry shortly",
+                           headers={"Retry-After": "5"})
+
+
+def create_app(settings: Settings, engine: Engine | None = None, *, load_model: bool = True,
+               on_load_error: Callable[[BaseException], None] | None = None) -> Flask:
+    app = Flask("pilotys_whisper")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    upload_dir = str(settings.tmp_dir or tempfile.gettempdir())
+    app.request_class = type("UploadRequest", (UploadRequest,), {"upload_dir": upload_dir})
+
+    engine = engine or build_engine(settings)
+    admission = Admission(settings.concurrency, settings.queue_size)
+    state = ServiceState(
+        settings=settings, engine=engine,
+        keyring=KeyRing(settings.api_key, settings.api_keys_file),
+        admission=admission,
+        metrics=Metrics(admission, settings.model_label, engine.name),
+        languages=_languages(),
+    )
+    app.extensions["whisper"] = state
+    if settings.state_dir is not None:
+        from .jobs import JobManager
+
+        state.jobs = JobManager(state)
+        app.register_blueprint(state.jobs.blueprint())
+    if load_model:
+        state.start_loading(on_load_error)
+        if state.jobs is not None:
+            state.jobs.start()
+
+    _install_request_hooks(app, state)
+    _install_error_handlers(app)
+    _install_routes(app, state)
+    return app
+
+
+# -- request life cycle -----------------------------------------------------------------------------------
+
+def _install_request_hooks(app: Flask, state: ServiceState) -> None:
+    origins = state.settings.cors_origins
+
+    @app.before_request
+    def start_request():
+        g.started = time.monotonic()
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex[:16]
+        if request.method == "OPTIONS" and origins and request.headers.get("Access-Control-Request-Method"):
+            return Response(status=204)
+        return None
+
+    @app.after_request
+    def finish_request(response: Response):
+        response.headers["X-Request-ID"] = g.get("request_id", "-")
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        origin = request.headers.get("Origin")
+        if origins and origin:
+            _cors(response, origin.rstrip("/"), origins)
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        state.metrics.requests.labels(route=route, method=request.method, status=str(response.status_code)).inc()
+        if route not in ("/health", "/ready", "/metrics"):
+            _log_request(response)
+        return response
+
+
+def _cors(response: Response, origin: str, allowed: tuple[str, ...]) -> None:
+    if allowed == ("*",):
+        response.headers["Access-Control-Allow-Origin"] = "*"  # never with credentials
+    elif origin in allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.vary.add("Origin")
+    else:
+        return
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
+
+
+def _log_request(response: Response) -> None:
+    elapsed_ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000
+    principal = g.get("principal")
+    access_log.info(
+        "request id=%s %s %s status=%d audio_s=%s processing_s=%s ms=%.0f client=%s",
+        g.get("request_id", "-"), request.method, request.path, response.status_code,
+        _fmt(g.get("audio_s")), _fmt(g.get("processing_s")), elapsed_ms,
+        principal.label if principal else "-",
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(err: ApiError):
+        response = jsonify(err.body())
+        response.status_code = err.status
+        response.headers.update(err.headers)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_exception(exc: HTTPException):
+        if exc.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"] - MULTIPART_OVERHEAD
+            err = ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
+        else:
+            err = http_error(exc.code or 500, exc.description if exc.code not in (404, 405) else None)
+        response = api_error(err)
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.path, g.get("request_id"))
+        return api_error(ApiError(500, "internal_error", "the server failed to process the request; it was logged"))
+
+
+# -- routes ---------------------------------------------------------------------------------------------
+
+def _install_routes(app: Flask, state: ServiceState) -> None:
+    settings = state.settings
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="ok", model=settings.model_label, engine=state.engine.name,
+                       device=state.engine.device, ready=state.ready.is_set(), version=__version__)
+
+    @app.get("/ready")
+    def ready():
+        state.require_ready()
+        return jsonify(status="ready", model=settings.model_label)
+
+    @app.get("/metrics")
+    def metrics():
+        if state.jobs is not None:
+            state.jobs.update_metrics()
+        return Response(state.metrics.render(), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def models():
+        state.authenticate()
+        created = 1700000000
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "pilotys-whisper"}
+                for name in (settings.model_label, "whisper-1")]
+        return jsonify(object="list", data=data)
+
+    @app.post("/transcribe")
+    def transcribe_legacy():
+        state.authenticate()
+        params = TranscriptionParams.parse(state, legacy=True)
+        result = run_transcription(state, params)
+        return jsonify(to_legacy(result))
+
+    @app.post("/v1/audio/transcriptions")
+    def transcriptions():
+        return _openai_route(state, task="transcribe")
+
+    @app.post("/v1/audio/translations")
+    def translations():
+        return _openai_route(state, task="translate")
+
+
+def _openai_route(state: ServiceState, task: str):
+    state.authenticate()
+    params = TranscriptionParams.parse(state, task=task)
+    result = run_transcription(state, params)
+    body, content_type = render(result, params.response_format, task, params.granularities)
+    if isinstance(body, dict):
+        response = jsonify(body)
+    else:
+        response = Response(body, content_type=content_type)
+    return response
+
+
+@dataclass(frozen=True)
+class TranscriptionParams:
+    path: str
+    size: int
+    options: TranscribeOptions
+    response_format: str = "json"
+    granularities: tuple[str, ...] = ("segment",)
+    filename: str = ""
+
+    @classmethod
+    def parse(cls, state: ServiceState, *, legacy: bool = False, task: str = "transcribe") -> TranscriptionParams:
+        """Validate the form fields and the uploaded file (everything cheap, before queueing)."""
+        settings = state.settings
+        form = request.form
+        upload = request.files.get("file")
+        if upload is None:
+            raise ApiError(400, "missing_file", "send the audio as a multipart/form-data field named 'file'",
+                           param="file")
+        response_format = form.get("response_format", "json").strip() or "json"
+        if response_format not in RESPONSE_FORMATS:
+            raise ApiError(400, "invalid_response_format",
+                           f"response_format must be one of {', '.join(RESPONSE_FORMATS)}", param="response_format")
+        granularities = tuple(dict.fromkeys(
+            g.strip() for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+            if g.strip())) or ("segment",)
+        for item in granularities:
+            if item not in GRANULARITIES:
+                raise ApiError(400, "invalid_timestamp_granularity",
+                               "timestamp_granularities[] takes segment and/or word", param="timestamp_granularities")
+        model = form.get("model", "").strip()
+        if model and model not in settings.model_aliases:
+            raise ApiError(400, "model_not_found",
+                           f"this server serves {settings.model_label} (also accepted as whisper-1); got {model!r}",
+                           param="model")
+        language = _language(state, form.get("language"))
+        temperature = _temperature(form.get("temperature"))
+        prompt = form.get("prompt") or None
+        if prompt is not None and len(prompt) > 4000:
+            raise ApiError(400, "prompt_too_long", "prompt must be at most 4000 characters", param="prompt")
+        path, size = _saved_upload(upload, settings)
+        state.require_ready()
+        info = probe(path)
+        if info.duration is not None and info.duration > settings.max_duration_s + 1:
+            raise too_long(settings.max_duration_s)
+        options = TranscribeOptions(
+            language=language, task=task, prompt=prompt, temperature=temperature,
+            word_timestamps="word" in granularities and not legacy,
+            max_duration_s=settings.max_duration_s, duration_hint=info.duration)
+        return cls(path=path, size=size, options=options, response_format=response_format,
+                   granularities=granularities, filename=upload.filename or "")
+
+
+def _language(state: ServiceState, raw: str | None) -> str | None:
+    if raw is None or not raw.strip():
+        return state.settings.language
+    value = raw.strip().lower()
+    if value == "auto":
+        return None
+    if value not in state.languages:
+        raise ApiError(400, "unsupported_language",
+                       f"language {raw!r} is not one Whisper knows; use an ISO 639-1 code such as fr, or auto",
+                       param="language")
+    return value
+
+
+def _temperature(raw: str | None) -> float:
+    if raw is None or not raw.strip():
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ApiError(400, "invalid_temperature", "temperature must be a number between 0 and 1",
+                       param="temperature")
+    return value
+
+
+def _saved_upload(upload, settings: Settings) -> tuple[str, int]:
+    stream = upload.stream
+    stream.flush()
+    path = getattr(stream, "name", None)
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise ApiError(400, "missing_file", "the 'file' field must be a file upload", param="file")
+    size = os.fstat(stream.fileno()).st_size
+    if size == 0:
+        raise ApiError(400, "empty_file", "the uploaded file is empty", param="file")
+    if size > settings.max_upload_bytes:
+        raise ApiError(413, "file_too_large", f"the upload is larger than {settings.max_upload_mb} MB")
+    return path, size
+
+
+def run_transcription(state: ServiceState, params: TranscriptionParams):
+    started = time.monotonic()
+    with state.admission.slot():
+        began = time.monotonic()
+        try:
+            result = state.engine.transcribe(params.path, params.options)
+        except ApiError:
+            state.metrics.transcriptions.labels(outcome="rejected").inc()
+            raise
+        except Exception:
+            state.metrics.transcriptions.labels(outcome="failed").inc()
+            raise
+    processing = time.monotonic() - began
+    state.metrics.transcriptions.labels(outcome="ok").inc()
+    state.metrics.observe_transcription(result.duration, processing)
+    g.audio_s, g.processing_s = result.duration, processing
+    g.queued_s = began - started
+    return result

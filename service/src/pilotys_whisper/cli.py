@@ -1,0 +1,78 @@
+"""`whisper-service`: serve, check the configuration, or fetch a model by name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .settings import Settings, SettingsError
+
+
+def _configure_logging(level: str) -> None:
+    # journald adds the time; keep lines short and greppable.
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"whisper-service: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def cmd_serve(_args) -> int:
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    from .app import create_app
+    from .server import run
+
+    def on_load_error(_exc: BaseException) -> None:
+        # Exit so that systemd (Restart=on-failure) or the container runtime sees the failure.
+        logging.getLogger("pilotys_whisper").critical("exiting: the model could not be loaded")
+        os._exit(3)
+
+    app = create_app(settings, on_load_error=on_load_error)
+    run(app, settings)
+    return 0
+
+
+def cmd_check_config(_args) -> int:
+    settings = _settings()
+    print(json.dumps(settings.describe(), indent=2))
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    """Download a model by name from the Hugging Face Hub into a directory (provisioning time, not start)."""
+    _configure_logging("INFO")
+    if args.engine == "openai-whisper":
+        import whisper
+
+        path = whisper._download(whisper._MODELS[args.name], args.output, in_memory=False)  # noqa: SLF001
+    else:
+        from faster_whisper.utils import download_model
+
+        path = download_model(args.name, output_dir=args.output)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="whisper-service", description="Private Whisper speech-to-text service.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve the HTTP API (default); configured by WHISPER_* variables")
+    sub.add_parser("check-config", help="validate WHISPER_* variables and print the effective configuration")
+    fetch = sub.add_parser("fetch-model", help="download a model by name (needs access to the model hub)")
+    fetch.add_argument("name", help="e.g. base, small, large-v3")
+    fetch.add_argument("output", help="directory to write the model into")
+    fetch.add_argument("--engine", default="faster-whisper", choices=["faster-whisper", "openai-whisper"])
+    args = parser.parse_args(argv)
+    handlers = {None: cmd_serve, "serve": cmd_serve, "check-config": cmd_check_config, "fetch-model": cmd_fetch_model}
+    return handlers[args.command](args)

@@ -1,0 +1,89 @@
+"""Transcription engines: one small interface, two implementations chosen by settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+ProgressFn = Callable[[float, float], None]  # (seconds of audio done, total seconds or 0 if unknown)
+StopFn = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """The caller asked to stop (a cancelled job); raised between two chunks of work."""
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    language: str | None = "fr"  # None: detect
+    task: str = "transcribe"  # or "translate" (to English)
+    prompt: str | None = None
+    temperature: float = 0.0
+    word_timestamps: bool = False
+    max_duration_s: float | None = None
+    duration_hint: float | None = None  # from probing, for progress; None if unknown
+
+
+@dataclass
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    seek: int = 0
+    words: list[Word] | None = None
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        if self.words is None:
+            data.pop("words")
+        return data
+
+
+@dataclass
+class Transcription:
+    text: str
+    language: str | None
+    duration: float  # seconds of audio
+    segments: list[Segment]
+    language_probability: float = 1.0
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in (s.words or [])]
+
+
+class Engine(Protocol):
+    name: str
+    device: str
+
+    def load(self) -> None:
+        """Load the model (once, at start-up, never at import time)."""
+
+    def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> Transcription:
+        """Transcribe the file at `path`; raise ApiError for bad audio, Cancelled when asked to stop."""
+
+
+def build_engine(settings) -> Engine:
+    if settings.engine == "openai-whisper":
+        from .openai import OpenAIWhisperEngine
+
+        return OpenAIWhisperEngine(settings)
+    from .faster import FasterWhisperEngine
+
+    return FasterWhisperEngine(settings)

@@ -1,0 +1,418 @@
+"""faster-whisper (CTranslate2) engine: speech cut into chunks by VAD, decoded in batches, in bounded memory.
+
+Why not faster-whisper's own pipelines: its sequential `transcribe` decodes one 30 s window at a time
+(slow on CPU), and its batched pipeline decodes the whole file and stacks every chunk's features up
+front, so memory grows with the recording and the encoder runs a whole batch at once (its attention
+matrices dominate the peak). Here audio is decoded block by block, each chunk is encoded alone and
+only the decoder runs batched, which is where batching pays on a CPU. A chunk whose greedy result
+looks wrong (repetitive or improbable) is decoded again with beam search and temperature fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE, PcmStream
+from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word
+
+log = logging.getLogger(__name__)
+
+CHUNK_S = 30.0  # Whisper's window
+BLOCK_S = 120.0
+GUARD_S = 3.0  # speech ending this close to the end of what is decoded may go on in the next block
+MIN_LEFTOVER_S = 1.0  # a shorter undecoded tail at the end of a chunk is not worth another pass
+MAX_RETRIES = 2  # times the same audio may be handed back before its tail is dropped
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
+
+
+@dataclass
+class Region:
+    """A stretch of the recording to transcribe: where it starts (in samples) and its audio."""
+
+    start: int
+    audio: np.ndarray
+    retries: int = 0  # how many times this audio was handed back undecoded by the model
+
+
+@dataclass
+class Chunk:
+    """Up to 30 s of audio made of one or more regions, and where each region came from."""
+
+    regions: list[Region]
+
+    @functools.cached_property
+    def audio(self) -> np.ndarray:
+        if len(self.regions) == 1:
+            return self.regions[0].audio
+        return np.concatenate([r.audio for r in self.regions])
+
+    @property
+    def source_end(self) -> float:
+        last = self.regions[-1]
+        return (last.start + last.audio.shape[0]) / SAMPLE_RATE
+
+    def source_time(self, t: float, *, is_end: bool = False) -> float:
+        """Map a time inside the chunk to the time in the original recording."""
+        sample = t * SAMPLE_RATE
+        offset = 0
+        for i, region in enumerate(self.regions):
+            length = region.audio.shape[0]
+            last = i == len(self.regions) - 1
+            if sample < offset + length or (is_end and sample <= offset + length) or last:
+                return round(float(region.start + min(max(sample - offset, 0), length)) / SAMPLE_RATE, 3)
+            offset += length
+        return 0.0  # a chunk always has a region
+
+    def tail(self, t: float) -> list[Region]:
+        """The regions (or parts of them) after time `t` inside the chunk."""
+        cut = int(t * SAMPLE_RATE)
+        out, offset = [], 0
+        for region in self.regions:
+            length = region.audio.shape[0]
+            if offset + length > cut:
+                skip = max(cut - offset, 0)
+                out.append(Region(region.start + skip, region.audio[skip:], region.retries + 1))
+            offset += length
+        return out
+
+
+def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float = CHUNK_S) -> Iterator[Region]:
+    """Cut a stream of PCM blocks into regions of at most `max_s` seconds, in order.
+
+    With `vad_options`, only speech is kept (Silero VAD); without, the audio is cut into consecutive
+    windows. Only the audio not yet handed out is kept in memory.
+    """
+    from faster_whisper.vad import get_speech_timestamps
+
+    max_len = int(max_s * SAMPLE_RATE)
+    guard = int(GUARD_S * SAMPLE_RATE)
+    buf = np.zeros(0, dtype=np.float32)
+    buf_start = 0  # source index of buf[0]
+    scan_from = 0  # source index from which regions are not known yet
+    source = iter(blocks)
+    final = False
+    while not final:
+        block = next(source, None)
+        if block is None:
+            final = True
+        else:
+            buf = np.concatenate([buf, block]) if buf.size else block
+        buf_end = buf_start + buf.shape[0]
+        todo = buf[scan_from - buf_start:]
+        if vad_options is not None:
+            found = [(scan_from + s["start"], scan_from + s["end"])
+                     for s in get_speech_timestamps(todo, vad_options)] if todo.size else []
+        else:
+            found = [(s, min(s + max_len, buf_end)) for s in range(scan_from, buf_end, max_len)]
+        if final:
+            done, scan_from = found, buf_end
+        else:
+            # A region ending near the end of what is decoded may go on in the next block: look again then.
+            horizon = buf_end - guard
+            done = [r for r in found if r[1] <= horizon]
+            rest = found[len(done):]
+            scan_from = rest[0][0] if rest else max(horizon, scan_from)
+        for start, end in done:
+            while start < end:
+                stop = min(end, start + max_len)
+                yield Region(start, buf[start - buf_start:stop - buf_start].copy())
+                start = stop
+        if scan_from > buf_start:
+            buf = buf[scan_from - buf_start:]
+            buf_start = scan_from
+
+
+class _Packer:
+    """Packs regions into chunks of at most 30 s, and batches of chunks; takes back undecoded tails."""
+
+    def __init__(self, regions: Iterator[Region], chunk_s: float = CHUNK_S):
+        self._source = regions
+        self._front: list[Region] = []  # handed back, to go first
+        self._max = int(chunk_s * SAMPLE_RATE)
+
+    def _next_region(self) -> Region | None:
+        if self._front:
+            return self._front.pop(0)
+        return next(self._source, None)
+
+    def give_back(self, regions: list[Region]) -> None:
+        self._front[:0] = regions
+
+    def next_batch(self, size: int) -> list[Chunk]:
+        batch: list[Chunk] = []
+        current: list[Region] = []
+        total = 0
+        while len(batch) < size:
+            region = self._next_region()
+            if region is None:
+                break
+            length = region.audio.shape[0]
+            if current and total + length > self._max:
+                batch.append(Chunk(current))
+                current, total = [], 0
+                if len(batch) == size:
+                    self._front.insert(0, region)
+                    break
+            current.append(region)
+            total += length
+        if current:
+            batch.append(Chunk(current))
+        return batch
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the system between requests (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class FasterWhisperEngine:
+    name = "faster-whisper"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.device = settings.device
+        self.compute_type = settings.compute_type
+        self.batch_size = settings.batch_size
+        self.beam_size = settings.beam_size
+        self.vad = settings.vad
+        self._model = None
+
+    def load(self) -> None:
+        import ctranslate2
+        from faster_whisper import WhisperModel
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        compute_type = self.compute_type
+        if compute_type in ("default", "auto"):
+            compute_type = "float16" if device == "cuda" else "int8"
+        cpu_threads = self.settings.cpu_threads or max(1, (os.cpu_count() or 1) // self.settings.concurrency)
+        model = self.settings.model
+        self._model = WhisperModel(
+            model,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            num_workers=self.settings.concurrency,
+            download_root=str(self.settings.model_cache_dir) if self.settings.model_cache_dir else None,
+            local_files_only=os.path.isdir(model),
+        )
+        if self.vad:
+            from faster_whisper.vad import get_vad_model
+
+            get_vad_model()  # load Silero now rather than on the first request
+        self.device, self.compute_type = device, compute_type
+        log.info("model %s loaded on %s (%s, %d CPU threads)", self.settings.model_label, device, compute_type,
+                 cpu_threads)
+        _release_free_memory()
+
+    # -- one request ---------------------------------------------------------------------------------------
+
+    def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> Transcription:
+        from faster_whisper.vad import VadOptions
+
+        assert self._model is not None, "load() first"
+        vad_options = VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160) if self.vad else None
+        run = _Run(self, options)
+        try:
+            with PcmStream(path, max_seconds=options.max_duration_s) as stream:
+                total = options.duration_hint or 0.0
+                packer = _Packer(speech_regions(stream.blocks(BLOCK_S), vad_options))
+                done = 0.0
+                while batch := packer.next_batch(self.batch_size):
+                    if should_stop is not None and should_stop():
+                        raise Cancelled()
+                    packer.give_back(run.decode_batch(batch))
+                    done = max(done, batch[-1].source_end)
+                    if progress is not None:
+                        progress(done, total)
+                duration = stream.seconds_read
+        finally:
+            _release_free_memory()
+        if progress is not None:
+            progress(duration, duration)
+        return run.result(duration)
+
+
+class _Run:
+    """State of one transcription: language, tokenizer and prompt once known, segments so far."""
+
+    def __init__(self, engine: FasterWhisperEngine, options: TranscribeOptions):
+        self.engine = engine
+        self.model = engine._model
+        self.options = options
+        self.language = options.language
+        self.language_probability = 1.0
+        self.tokenizer = None
+        self.prompt: list[int] = []
+        self.suppress: tuple[int, ...] = ()
+        self.segments: list[Segment] = []
+
+    def _prepare(self, encoder_output) -> None:
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model = self.model
+        if not model.model.is_multilingual:
+            self.language = "en"
+        elif self.language is None:
+            token, prob = model.model.detect_language(encoder_output)[0][0]
+            self.language, self.language_probability = token[2:-2], prob
+        self.tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task=self.options.task,
+                                   language=self.language)
+        previous = self.tokenizer.encode(" " + self.options.prompt.strip()) if self.options.prompt else []
+        self.prompt = model.get_prompt(self.tokenizer, previous, without_timestamps=False)
+        self.suppress = get_suppressed_tokens(self.tokenizer, [-1])
+
+    def _encode(self, batch: list[Chunk]):
+        import ctranslate2
+        from faster_whisper.transcribe import pad_or_trim
+
+        model = self.model
+        _release_free_memory()  # what the previous batch's decoder held, before the encoder needs its own
+        features = [pad_or_trim(model.feature_extractor(c.audio)[..., :-1]) for c in batch]
+        if model.model.device == "cuda":
+            return model.encode(np.stack(features))
+        # On a CPU the encoder gains little from batching but its attention matrices grow with the
+        # batch: encode one chunk at a time and batch the decoder only.
+        outputs = [np.asarray(model.encode(f[None])) for f in features]
+        stacked = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(outputs)))
+        del outputs, features
+        _release_free_memory()  # the encoder's scratch memory, before the decoder needs its own
+        return stacked
+
+    def decode_batch(self, batch: list[Chunk]) -> list[Region]:
+        """Decode a batch of chunks; return the audio the model left for a next window, as sequential
+        Whisper does when its last segment is unfinished (it is decoded again at the front of the next
+        batch, so nothing said at the end of a chunk is lost)."""
+        from faster_whisper.transcribe import get_compression_ratio
+
+        model = self.model
+        encoder_output = self._encode(batch)
+        if self.tokenizer is None:
+            self._prepare(encoder_output)
+        tok = self.tokenizer
+        sampling = self.options.temperature > 0
+        results = model.model.generate(
+            encoder_output,
+            [list(self.prompt) for _ in batch],
+            beam_size=1 if sampling else self.engine.beam_size,
+            max_length=model.max_length,
+            suppress_blank=True,
+            suppress_tokens=list(self.suppress),
+            return_scores=True,
+            return_no_speech_prob=True,
+            sampling_temperature=self.options.temperature if sampling else 1.0,
+            sampling_topk=0 if sampling else 1,
+        )
+        outputs, leftovers = [], []
+        for index, (chunk, result) in enumerate(zip(batch, results, strict=True)):
+            tokens = result.sequences_ids[0]
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            compression = get_compression_ratio(tok.decode(tokens).strip())
+            temperature = self.options.temperature
+            no_speech = result.no_speech_prob
+            if no_speech > 0.6 and avg_logprob < -1.0:
+                outputs.append([])  # silence the VAD let through
+                continue
+            if compression > 2.4 or avg_logprob < -1.0:
+                tokens, avg_logprob, temperature, compression, no_speech = self._fallback(encoder_output, index)
+            seconds = chunk.audio.shape[0] / SAMPLE_RATE
+            frames = int(np.ceil(chunk.audio.shape[0] / model.feature_extractor.hop_length))
+            parts, seek, _ = model._split_segments_by_timestamps(
+                tokenizer=tok, tokens=tokens, time_offset=0.0, segment_size=frames,
+                segment_duration=seconds, seek=0)
+            consumed = min(seek, frames) / model.frames_per_second
+            if seconds - consumed >= MIN_LEFTOVER_S and all(r.retries < MAX_RETRIES for r in chunk.regions):
+                leftovers.extend(chunk.tail(consumed))
+            outputs.append([
+                dict(part, text=tok.decode(part["tokens"]), avg_logprob=avg_logprob, compression_ratio=compression,
+                     no_speech_prob=no_speech, temperature=temperature)
+                for part in parts if any(t < tok.eot for t in part["tokens"])
+            ])
+        if self.options.word_timestamps and any(outputs):
+            self._add_words(outputs, encoder_output, batch)
+        for chunk, parts in zip(batch, outputs, strict=True):
+            self._append(chunk, parts)
+        return leftovers
+
+    def _fallback(self, encoder_output, index: int):
+        """Decode one chunk again, as faster-whisper's sequential mode does: beam search, then sampling."""
+        import ctranslate2
+        from faster_whisper.transcribe import TranscriptionOptions
+
+        single = encoder_output if encoder_output.shape[0] == 1 else ctranslate2.StorageView.from_array(
+            np.ascontiguousarray(np.asarray(encoder_output)[index:index + 1]))
+        opts = TranscriptionOptions(
+            beam_size=5, best_of=5, patience=1.0, length_penalty=1.0, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, log_prob_threshold=-1.0, no_speech_threshold=0.6,
+            compression_ratio_threshold=2.4, condition_on_previous_text=False, prompt_reset_on_temperature=0.5,
+            temperatures=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], initial_prompt=None, prefix=None, suppress_blank=True,
+            suppress_tokens=list(self.suppress), without_timestamps=False, max_initial_timestamp=1.0,
+            word_timestamps=False, prepend_punctuations=PREPEND_PUNCTUATIONS,
+            append_punctuations=APPEND_PUNCTUATIONS, multilingual=False, max_new_tokens=None,
+            clip_timestamps="0", hallucination_silence_threshold=None, hotwords=None)
+        result, avg_logprob, temperature, compression = self.model.generate_with_fallback(
+            single, list(self.prompt), self.tokenizer, opts)
+        return result.sequences_ids[0], avg_logprob, temperature, compression, result.no_speech_prob
+
+    def _add_words(self, outputs: list[list[dict]], encoder_output, batch: list[Chunk]) -> None:
+        import ctranslate2
+
+        model = self.model
+        keep = [i for i, parts in enumerate(outputs) if parts]
+        enc = encoder_output
+        if len(keep) != len(outputs):
+            if model.model.device == "cuda":
+                enc = self._encode([batch[i] for i in keep])
+            else:
+                enc = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(encoder_output)[keep]))
+        frames = [int(np.ceil(batch[i].audio.shape[0] / model.feature_extractor.hop_length)) for i in keep]
+        model.add_word_timestamps([outputs[i] for i in keep], self.tokenizer, enc, frames,
+                                  PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, 0.0)
+
+    def _append(self, chunk: Chunk, parts: list[dict]) -> None:
+        for part in parts:
+            text = part["text"]
+            if not text.strip():
+                continue
+            words = None
+            if self.options.word_timestamps:
+                words = [
+                    Word(start=chunk.source_time(w["start"]), end=chunk.source_time(w["end"], is_end=True),
+                         word=w["word"], probability=round(float(w["probability"]), 4))
+                    for w in part.get("words", [])
+                ]
+            start = chunk.source_time(part["start"])
+            end = max(chunk.source_time(part["end"], is_end=True), start)
+            if words:
+                start, end = words[0].start, max(words[-1].end, words[0].start)
+            self.segments.append(Segment(
+                id=len(self.segments), start=start, end=end, text=text,
+                tokens=[t for t in part["tokens"] if t < self.tokenizer.eot],
+                avg_logprob=round(float(part["avg_logprob"]), 4),
+                compression_ratio=round(float(part["compression_ratio"]), 4),
+                no_speech_prob=round(float(part["no_speech_prob"]), 4),
+                temperature=float(part["temperature"]), seek=int(chunk.regions[0].start // 160), words=words))
+
+    def result(self, duration: float) -> Transcription:
+        # Tails decoded in a later batch come after chunks that follow them: restore the order.
+        self.segments.sort(key=lambda seg: (seg.start, seg.end))
+        for number, seg in enumerate(self.segments):
+            seg.id = number
+        text = "".join(s.text for s in self.segments).strip()
+        return Transcription(text=text, language=self.language, duration=round(duration, 3),
+                             segments=self.segments, language_probability=round(float(self.language_probability), 4))

@@ -1,0 +1,68 @@
+"""openai-whisper engine, for those who want the original implementation (optional dependency, PyTorch).
+
+WHISPER_MODEL is a model name (downloaded by openai-whisper into WHISPER_MODEL_CACHE_DIR) or the path of
+a checkpoint (.pt). Slower and heavier than faster-whisper on a CPU; it decodes the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..audio import SAMPLE_RATE, decode_all
+from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIWhisperEngine:
+    name = "openai-whisper"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.device = settings.device
+        self._model = None
+
+    def load(self) -> None:
+        try:
+            import torch
+            import whisper
+        except ImportError as exc:
+            raise RuntimeError("WHISPER_ENGINE=openai-whisper needs the optional dependency: "
+                               "pip install 'pilotys-whisper[openai-whisper]'") from exc
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.settings.cpu_threads:
+            torch.set_num_threads(self.settings.cpu_threads)
+        root = str(self.settings.model_cache_dir) if self.settings.model_cache_dir else None
+        self._model = whisper.load_model(self.settings.model, device=device, download_root=root)
+        self.device = device
+        log.info("model %s loaded on %s with openai-whisper", self.settings.model_label, device)
+
+    def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> Transcription:
+        assert self._model is not None, "load() first"
+        audio = decode_all(path, max_seconds=options.max_duration_s)
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        duration = audio.shape[0] / SAMPLE_RATE
+        temperatures = (options.temperature,) if options.temperature > 0 else (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+        result = self._model.transcribe(
+            audio, language=options.language, task=options.task, initial_prompt=options.prompt,
+            temperature=temperatures, word_timestamps=options.word_timestamps,
+            fp16=self.device == "cuda", verbose=None)
+        segments = []
+        for index, seg in enumerate(result["segments"]):
+            words = None
+            if options.word_timestamps:
+                words = [Word(start=round(w["start"], 3), end=round(w["end"], 3), word=w["word"],
+                              probability=round(float(w["probability"]), 4)) for w in seg.get("words", [])]
+            segments.append(Segment(
+                id=index, start=round(seg["start"], 3), end=round(seg["end"], 3), text=seg["text"],
+                tokens=list(seg["tokens"]), avg_logprob=round(seg["avg_logprob"], 4),
+                compression_ratio=round(seg["compression_ratio"], 4), no_speech_prob=round(seg["no_speech_prob"], 4),
+                temperature=seg["temperature"], seek=seg["seek"], words=words))
+        if progress is not None:
+            progress(duration, duration)
+        return Transcription(text=result["text"].strip(), language=result.get("language"),
+                             duration=round(duration, 3), segments=segments)

@@ -1,0 +1,169 @@
+"""The real `base` model on real and synthesised speech: what users actually get."""
+
+import numpy as np
+import pytest
+
+from pilotys_whisper.audio import SAMPLE_RATE, PcmStream
+from pilotys_whisper.engines import Cancelled, TranscribeOptions
+from pilotys_whisper.engines.faster import Chunk, FasterWhisperEngine, Region, _Packer, speech_regions
+from pilotys_whisper.errors import ApiError
+from pilotys_whisper.settings import Settings
+
+from conftest import reference, wer
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = FasterWhisperEngine(Settings.from_env({"WHISPER_MODEL": str(model_dir)}))
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def french(engine, audio):
+    return engine.transcribe(str(audio("fr_meeting.wav")), TranscribeOptions(language="fr"))
+
+
+def test_french_speech(french):
+    assert french.language == "fr"
+    assert wer(reference("fr_meeting"), french.text) <= 0.45, french.text
+    text = french.text.lower()
+    for word in ("bonjour", "réunion", "projet", "juridique"):
+        assert word in text, (word, french.text)
+
+
+def test_real_english_lecture(engine, audio):
+    result = engine.transcribe(str(audio("lecture_en_60s.wav")), TranscribeOptions(language=None))
+    assert result.language == "en" and result.language_probability > 0.5
+    assert wer(reference("lecture_en_60s"), result.text) <= 0.06, result.text
+
+
+def test_real_english_news_keeps_the_end_of_every_chunk(engine, audio):
+    result = engine.transcribe(str(audio("news_en_169s.wav")), TranscribeOptions(language="en"))
+    assert wer(reference("news_en_169s"), result.text) <= 0.08, result.text
+    # This sentence sits after the model's last timestamp in its 30 s chunk: it is only transcribed
+    # because the untouched tail of a chunk is decoded again with the next batch.
+    assert "crack a joke" in result.text
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts) and result.segments[-1].end <= result.duration + 0.5
+    assert [s.id for s in result.segments] == list(range(len(result.segments)))
+
+
+@pytest.mark.parametrize("name", ["fr_meeting.webm", "fr_meeting.m4a", "fr_meeting.mp3", "fr_meeting.flac",
+                                  "fr_meeting.ogg", "fr_meeting_video.mp4"])
+def test_every_upload_format_gives_the_same_speech(engine, audio, french, name):
+    # Lossy codecs shift a few words of synthetic speech: each must stay as close to the spoken text as
+    # the WAV is (a wrong sample rate or channel mix would give a word-error rate near 1).
+    result = engine.transcribe(str(audio(name)), TranscribeOptions(language=None))
+    assert result.language == "fr", name
+    assert abs(result.duration - french.duration) < 0.5
+    assert wer(reference("fr_meeting"), result.text) <= 0.45, (name, result.text)
+    assert "réunion" in result.text.lower()
+
+
+@pytest.mark.parametrize("name", ["silence_20s.wav", "noise_20s.wav"])
+def test_no_speech_gives_no_text(engine, audio, name):
+    result = engine.transcribe(str(audio(name)), TranscribeOptions(language="fr"))
+    assert result.text == "" and result.segments == []
+    assert result.duration == pytest.approx(20.0, abs=0.1)
+
+
+def test_word_timestamps_are_ordered_and_inside_the_audio(engine, audio):
+    result = engine.transcribe(str(audio("lecture_en_60s.wav")), TranscribeOptions(language="en",
+                                                                                   word_timestamps=True))
+    words = result.words
+    assert len(words) > 100
+    assert all(0 <= w.start <= w.end <= result.duration + 0.5 for w in words)
+    assert all(a.start <= b.start + 0.01 for a, b in zip(words, words[1:]))
+    assert "Piketty" in "".join(w.word for w in words)
+    for seg in result.segments:
+        assert seg.words and seg.start <= seg.words[0].start + 0.01 and seg.words[-1].end <= seg.end + 0.01
+
+
+def test_progress_is_monotonic_and_complete(engine, audio):
+    seen = []
+    result = engine.transcribe(str(audio("news_en_169s.wav")), TranscribeOptions(language="en", duration_hint=169.2),
+                               progress=lambda done, total: seen.append((done, total)))
+    done = [d for d, _ in seen]
+    assert len(seen) >= 2 and done == sorted(done)
+    assert done[-1] == pytest.approx(result.duration)
+
+
+def test_cancel_stops_between_chunks(engine, audio):
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        engine.transcribe(str(audio("news_en_169s.wav")), TranscribeOptions(language="en"), should_stop=stop)
+
+
+def test_too_long_when_the_container_does_not_say(engine, audio):
+    with pytest.raises(ApiError) as err:
+        engine.transcribe(str(audio("fr_meeting.webm")), TranscribeOptions(language="fr", max_duration_s=10))
+    assert err.value.status == 413
+
+
+# -- cutting audio into regions and chunks (no model needed, Silero VAD only) -------------------------------
+
+def _blocks(seconds: float, block_s: float):
+    total = int(seconds * SAMPLE_RATE)
+    ramp = np.arange(total, dtype=np.float32) / total  # distinct values: any misplaced sample shows
+    step = int(block_s * SAMPLE_RATE)
+    return [ramp[i:i + step] for i in range(0, total, step)], ramp
+
+
+@pytest.mark.parametrize("block_s", [7.0, 60.0, 200.0])
+def test_without_vad_every_sample_is_kept_once_in_order(block_s):
+    blocks, ramp = _blocks(95.0, block_s)
+    regions = list(speech_regions(iter(blocks), vad_options=None))
+    assert all(r.audio.shape[0] <= 30 * SAMPLE_RATE for r in regions)
+    assert np.array_equal(np.concatenate([r.audio for r in regions]), ramp)
+    assert [r.start for r in regions] == sorted(r.start for r in regions)
+
+
+def test_vad_regions_do_not_depend_on_the_block_size(audio):
+    from faster_whisper.vad import VadOptions
+
+    def regions(block_s):
+        with PcmStream(str(audio("news_en_169s.wav"))) as stream:
+            found = [(r.start, r.start + r.audio.shape[0])
+                     for r in speech_regions(stream.blocks(block_s), VadOptions(max_speech_duration_s=30,
+                                                                                 min_silence_duration_ms=160))]
+        return found
+
+    small, large = regions(20.0), regions(600.0)
+    for found in (small, large):
+        assert all(b[0] >= a[1] for a, b in zip(found, found[1:])), "regions overlap"
+        assert all(end - start <= 30 * SAMPLE_RATE for start, end in found)
+    speech = lambda rs: sum(e - s for s, e in rs) / SAMPLE_RATE  # noqa: E731
+    assert speech(small) == pytest.approx(speech(large), rel=0.05)
+
+
+def test_chunk_maps_times_back_to_the_recording():
+    a = Region(start=10 * SAMPLE_RATE, audio=np.zeros(5 * SAMPLE_RATE, np.float32))
+    b = Region(start=40 * SAMPLE_RATE, audio=np.zeros(3 * SAMPLE_RATE, np.float32))
+    chunk = Chunk([a, b])
+    assert chunk.source_time(1.0) == 11.0
+    assert chunk.source_time(5.0) == 40.0 and chunk.source_time(5.0, is_end=True) == 15.0
+    assert chunk.source_time(6.5) == 41.5 and chunk.source_time(99) == 43.0
+    tail = chunk.tail(4.0)
+    assert [(r.start / SAMPLE_RATE, r.audio.shape[0] / SAMPLE_RATE, r.retries) for r in tail] == [
+        (14.0, 1.0, 1), (40.0, 3.0, 1)]
+
+
+def test_packer_fills_chunks_and_puts_tails_first():
+    def region(start_s, length_s):
+        return Region(int(start_s * SAMPLE_RATE), np.zeros(int(length_s * SAMPLE_RATE), np.float32))
+
+    packer = _Packer(iter([region(0, 20), region(20, 8), region(30, 10), region(40, 25), region(70, 4)]))
+    first = packer.next_batch(2)
+    assert [[r.start // SAMPLE_RATE for r in c.regions] for c in first] == [[0, 20], [30]]
+    packer.give_back([region(35, 2)])
+    second = packer.next_batch(2)
+    assert [[r.start // SAMPLE_RATE for r in c.regions] for c in second] == [[35, 40], [70]]
+    assert packer.next_batch(2) == []

@@ -1,0 +1,321 @@
+"""The HTTP layer with a fake engine: every bad-input case, auth, CORS, the queue, temp files, logs.
+
+Uploads are still probed by the real ffprobe: only the model is replaced.
+"""
+
+import io
+import logging
+import threading
+import time
+
+import pytest
+import requests
+
+from pilotys_whisper.app import create_app
+from pilotys_whisper.server import make_server
+
+from conftest import KEY, FakeEngine, make_settings
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def tmp_uploads(tmp_path):
+    path = tmp_path / "uploads"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def app(engine, tmp_uploads):
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_UPLOAD_MB=2,
+                                   WHISPER_MAX_DURATION_S=60), engine, load_model=False)
+    state = app.extensions["whisper"]
+    state.load_model()
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def post(client, path="/v1/audio/transcriptions", file=None, headers=AUTH, **fields):
+    data = dict(fields)
+    if file is not None:
+        data["file"] = file
+    return client.post(path, data=data, headers=headers, content_type="multipart/form-data")
+
+
+def upload(audio, name):
+    return (open(audio(name), "rb"), name)
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json, response.headers
+    assert response.get_json()["error"]["code"] == code
+    assert response.get_json()["error"]["message"]
+
+
+def test_health_answers_without_key_and_says_which_model(client):
+    r = client.get("/health")
+    assert r.status_code == 200
+    assert r.get_json()["status"] == "ok" and r.get_json()["model"] == "whisper-base"
+
+
+def test_ready_is_503_until_the_model_is_loaded(tmp_uploads):
+    engine = FakeEngine(load_delay=0.5)
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads), engine)
+    client = app.test_client()
+    r = client.get("/ready")
+    assert_error(r, 503, "model_loading")
+    assert r.headers["Retry-After"]
+    assert client.get("/health").status_code == 200
+    app.extensions["whisper"].ready.wait(5)
+    assert client.get("/ready").status_code == 200
+
+
+def test_transcribe_legacy_contract(client, audio, engine):
+    r = post(client, "/transcribe", upload(audio, "fr_meeting.wav"))
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["text"].startswith("Bonjour") and body["language"] == "fr"
+    assert {"id", "start", "end", "text"} <= set(body["segments"][0])
+    assert engine.calls[0][1].language == "fr"  # French by default
+
+
+def test_openai_fields_reach_the_engine(client, audio, engine):
+    r = post(client, file=upload(audio, "fr_meeting.wav"), model="whisper-1", language="EN", prompt="PILOTYS",
+             temperature="0.2", response_format="verbose_json", **{"timestamp_granularities[]": ["word", "segment"]})
+    assert r.status_code == 200
+    options = engine.calls[0][1]
+    assert (options.language, options.prompt, options.temperature, options.word_timestamps) == ("en", "PILOTYS", 0.2,
+                                                                                               True)
+    assert r.get_json()["words"][0] == {"word": "Bonjour", "start": 0.0, "end": 0.5}
+
+
+def test_language_auto(client, audio, engine):
+    assert post(client, file=upload(audio, "fr_meeting.wav"), language="auto").status_code == 200
+    assert engine.calls[0][1].language is None
+
+
+@pytest.mark.parametrize("fmt, ctype", [("text", "text/plain"), ("srt", "application/x-subrip"),
+                                         ("vtt", "text/vtt"), ("json", "application/json")])
+def test_response_formats(client, audio, fmt, ctype):
+    r = post(client, file=upload(audio, "fr_meeting.wav"), response_format=fmt)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith(ctype)
+
+
+def test_missing_file(client):
+    assert_error(post(client, model="whisper-1"), 400, "missing_file")
+
+
+def test_file_sent_as_a_text_field(client):
+    assert_error(post(client, file="not a file"), 400, "missing_file")
+
+
+def test_empty_file(client):
+    assert_error(post(client, file=(io.BytesIO(b""), "empty.wav")), 400, "empty_file")
+
+
+def test_not_audio(client):
+    assert_error(post(client, file=(io.BytesIO(b"hello, this is text\n" * 50), "notes.wav")), 415,
+                 "unsupported_media")
+
+
+def test_random_bytes_named_mp3(client):
+    assert_error(post(client, file=(io.BytesIO(bytes(range(256)) * 64), "song.mp3")), 415, "unsupported_media")
+
+
+def test_video_without_sound(client, audio):
+    assert_error(post(client, file=upload(audio, "video_no_audio.mp4")), 422, "no_audio")
+
+
+def test_too_large_is_413_json(client):
+    big = io.BytesIO(b"\0" * (3 * 1024 * 1024))
+    assert_error(post(client, file=(big, "big.wav")), 413, "file_too_large")
+
+
+def test_too_long_is_413(app, audio, tmp_uploads):
+    short = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_DURATION_S=10), FakeEngine(),
+                       load_model=False)
+    short.extensions["whisper"].load_model()
+    assert_error(post(short.test_client(), file=upload(audio, "fr_meeting.wav")), 413, "audio_too_long")
+
+
+@pytest.mark.parametrize("field, value, code", [
+    ("response_format", "docx", "invalid_response_format"),
+    ("language", "klingon", "unsupported_language"),
+    ("temperature", "hot", "invalid_temperature"),
+    ("temperature", "1.5", "invalid_temperature"),
+    ("model", "gpt-4o-transcribe", "model_not_found"),
+    ("timestamp_granularities[]", "sentence", "invalid_timestamp_granularity"),
+])
+def test_bad_fields_are_400(client, audio, engine, field, value, code):
+    r = post(client, file=upload(audio, "fr_meeting.wav"), **{field: value})
+    assert_error(r, 400, code)
+    assert r.get_json()["error"]["param"]
+    assert not engine.calls
+
+
+def test_missing_key_is_401_with_challenge(client, audio):
+    r = post(client, file=upload(audio, "fr_meeting.wav"), headers={})
+    assert_error(r, 401, "missing_api_key")
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_wrong_key_is_401(client, audio, engine):
+    r = post(client, file=upload(audio, "fr_meeting.wav"), headers={"Authorization": "Bearer wrong-key-000000000"})
+    assert_error(r, 401, "invalid_api_key")
+    assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+    assert client.get("/v1/models").status_code == 401
+    assert not engine.calls
+
+
+def test_models_list(client):
+    r = client.get("/v1/models", headers=AUTH)
+    assert r.status_code == 200
+    assert {m["id"] for m in r.get_json()["data"]} == {"whisper-base", "whisper-1"}
+
+
+def test_unknown_route_and_wrong_method_are_json(client):
+    assert_error(client.get("/nothing-here"), 404, "not_found")
+    r = client.get("/transcribe")
+    assert_error(r, 405, "method_not_allowed")
+    assert "POST" in r.headers["Allow"]
+
+
+def test_temporary_files_are_always_removed(client, audio, tmp_uploads):
+    post(client, file=upload(audio, "fr_meeting.wav"))
+    post(client, file=(io.BytesIO(b"text" * 100), "x.wav"))
+    post(client, file=upload(audio, "video_no_audio.mp4"))
+    post(client, file=upload(audio, "fr_meeting.wav"), response_format="docx")
+    assert list(tmp_uploads.iterdir()) == []
+
+
+def test_request_id_is_echoed_or_made(client):
+    assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    assert len(client.get("/health", headers={"X-Request-ID": "bad id!"}).headers["X-Request-ID"]) == 16
+
+
+def test_one_log_line_per_request_without_key_or_text(client, audio, caplog):
+    caplog.set_level(logging.INFO, logger="pilotys_whisper")
+    post(client, file=upload(audio, "fr_meeting.wav"))
+    post(client, file=upload(audio, "fr_meeting.wav"), headers={"Authorization": "Bearer wrong-key-000000000"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "pilotys_whisper.access"]
+    assert len(lines) == 2
+    assert "status=200" in lines[0] and "audio_s=2.00" in lines[0] and "processing_s=" in lines[0]
+    assert "status=401" in lines[1]
+    everything = caplog.text
+    assert KEY not in everything and "wrong-key" not in everything and "Bonjour" not in everything
+
+
+def test_metrics(client, audio):
+    post(client, file=upload(audio, "fr_meeting.wav"))
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'whisper_http_requests_total{method="POST",route="/v1/audio/transcriptions",status="200"} 1.0' in text
+    assert "whisper_audio_seconds_total 2.0" in text
+    assert "whisper_queue_depth 0.0" in text and "whisper_in_flight 0.0" in text
+    assert "whisper_real_time_factor_count 1.0" in text
+    assert "whisper_model_ready 1.0" in text
+
+
+# -- CORS -----------------------------------------------------------------------------------------------
+
+def _cors_client(tmp_uploads, origins):
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_CORS_ORIGINS=origins), FakeEngine(),
+                     load_model=False)
+    return app.test_client()
+
+
+def test_no_cors_unless_configured(client):
+    r = client.get("/health", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_cors_allowlist(tmp_uploads):
+    client = _cors_client(tmp_uploads, "https://app.pilotys.fr")
+    r = client.options("/v1/audio/transcriptions", headers={
+        "Origin": "https://app.pilotys.fr", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization"})
+    assert r.status_code == 204
+    assert r.headers["Access-Control-Allow-Origin"] == "https://app.pilotys.fr"
+    assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+    assert r.headers["Vary"] == "Origin"
+    other = client.get("/health", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_cors_wildcard_never_with_credentials(tmp_uploads):
+    r = _cors_client(tmp_uploads, "*").get("/health", headers={"Origin": "https://any.example"})
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in r.headers
+
+
+# -- over real HTTP (waitress in this process) -------------------------------------------------------------
+
+@pytest.fixture
+def served(tmp_uploads):
+    engine = FakeEngine()
+    settings = make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_CONCURRENCY=1, WHISPER_QUEUE_SIZE=1,
+                             WHISPER_MAX_UPLOAD_MB=2, WHISPER_PORT=0)
+    app = create_app(settings, engine, load_model=False)
+    app.extensions["whisper"].load_model()
+    server = make_server(app, settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    yield url, engine
+    engine.release.set()
+    server.close()
+
+
+def _post_file(url, audio, results, index):
+    with open(audio("fr_meeting.wav"), "rb") as f:
+        results[index] = requests.post(url + "/transcribe", files={"file": f}, headers=AUTH, timeout=30)
+
+
+def test_queue_full_gives_429_and_health_stays_fast(served, audio):
+    url, engine = served
+    engine.release.clear()
+    results = [None, None, None]
+    first = threading.Thread(target=_post_file, args=(url, audio, results, 0))
+    first.start()
+    assert engine.started.wait(10)
+    second = threading.Thread(target=_post_file, args=(url, audio, results, 1))
+    second.start()
+    deadline = time.monotonic() + 10
+    while "whisper_queue_depth 1.0" not in requests.get(url + "/metrics", timeout=5).text:
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.05)
+    _post_file(url, audio, results, 2)
+    busy = results[2]
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
+    assert int(busy.headers["Retry-After"]) >= 1
+    started = time.monotonic()
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+    assert time.monotonic() - started < 1.0, "/health must not wait behind transcriptions"
+    engine.release.set()
+    first.join(30)
+    second.join(30)
+    assert results[0].status_code == 200 and results[1].status_code == 200
+
+
+def test_oversized_body_is_refused_before_the_app_reads_it(served):
+    url, engine = served
+    # Declares 50 MB but sends none of it: waitress must answer at once, in JSON, without reading it.
+    import socket
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /transcribe HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 52428800\r\n\r\n")
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert '"code": "file_too_large"' in reply and "application/json" in reply
+    assert not engine.calls

@@ -1,0 +1,117 @@
+"""The service as a real process (waitress on a free port) with the real model, driven by real clients."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from conftest import HERE, KEY, ServerProcess, reference, wer
+from test_formats import parse_srt, parse_vtt
+
+pytestmark = [pytest.mark.model, pytest.mark.server]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    uploads = tmp_path_factory.mktemp("uploads")
+    proc = ServerProcess({"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY, "WHISPER_QUEUE_SIZE": "2"},
+                         uploads).start()
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"SIGTERM must stop the service cleanly:\n{proc.logs()}"
+    assert list(uploads.iterdir()) == [], "temporary uploads left behind"
+    logs = proc.logs()
+    assert KEY not in logs and "bonjour" not in logs.lower(), "a key or a transcript reached the logs"
+    assert "shutting down" in logs
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_openai_client_json(client, audio):
+    with open(audio("fr_meeting.wav"), "rb") as f:
+        result = client.audio.transcriptions.create(model="whisper-1", file=f, language="fr")
+    assert wer(reference("fr_meeting"), result.text) <= 0.45, result.text
+
+
+def test_openai_client_verbose_json_with_words(client, audio):
+    with open(audio("lecture_en_60s.wav"), "rb") as f:
+        result = client.audio.transcriptions.create(
+            model="whisper-base", file=f, language="en", response_format="verbose_json",
+            timestamp_granularities=["word", "segment"])
+    assert result.language == "english" and result.duration == pytest.approx(60.0, abs=0.1)
+    assert wer(reference("lecture_en_60s"), result.text) <= 0.06
+    assert result.segments and result.segments[0].start >= 0
+    assert result.words and result.words[0].word and result.words[-1].end <= 60.5
+
+
+@pytest.mark.parametrize("fmt, parse", [("srt", parse_srt), ("vtt", parse_vtt)])
+def test_openai_client_subtitles(client, audio, fmt, parse):
+    with open(audio("fr_meeting.webm"), "rb") as f:
+        text = client.audio.transcriptions.create(model="whisper-1", file=f, response_format=fmt)
+    cues = parse(text)
+    assert len(cues) >= 3 and cues[-1][1] <= 39
+
+
+def test_openai_client_text_and_models(client, audio):
+    with open(audio("fr_meeting.m4a"), "rb") as f:
+        text = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="text")
+    assert "réunion" in text.lower()
+    assert {m.id for m in client.models.list()} == {"whisper-base", "whisper-1"}
+
+
+def test_openai_client_sees_auth_errors(server, audio):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong-key-0000000000", max_retries=0)
+    with pytest.raises(openai.AuthenticationError), open(audio("fr_meeting.wav"), "rb") as f:
+        bad.audio.transcriptions.create(model="whisper-1", file=f)
+
+
+def test_legacy_transcribe_as_pilotys_calls_it(server, audio):
+    with open(audio("fr_meeting.mp3"), "rb") as f:
+        r = requests.post(server.url + "/transcribe", files={"file": ("recording.mp3", f)},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["language"] == "fr" and "réunion" in body["text"].lower()
+    assert body["segments"] and {"id", "start", "end", "text"} <= set(body["segments"][0])
+
+
+def test_health_stays_fast_during_a_long_transcription(server, audio):
+    done = threading.Event()
+
+    def long_request():
+        with open(audio("news_en_169s.wav"), "rb") as f:
+            requests.post(server.url + "/transcribe", files={"file": f}, data={"language": "en"},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+        done.set()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "whisper_in_flight 1.0" not in requests.get(server.url + "/metrics", timeout=5).text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    slowest, answered = 0.0, 0
+    while not done.is_set() and answered < 20:
+        started = time.monotonic()
+        assert requests.get(server.url + "/health", timeout=5).json()["status"] == "ok"
+        slowest = max(slowest, time.monotonic() - started)
+        answered += 1
+        time.sleep(0.1)
+    thread.join(300)
+    assert answered >= 5, "the transcription finished too soon to observe /health during it"
+    assert slowest < 1.0, f"/health took {slowest:.2f}s while a transcription ran"
+
+
+def test_bad_configuration_stops_with_a_clear_message():
+    env = {"WHISPER_PORT": "eighty", "WHISPER_MODEL": "base", "PYTHONPATH": str(HERE.parent / "src")}
+    done = subprocess.run([sys.executable, "-m", "pilotys_whisper", "serve"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "WHISPER_PORT='eighty' must be a whole number" in done.stderr

@@ -1,0 +1,73 @@
+import pytest
+
+from pilotys_whisper.settings import Settings, SettingsError
+
+
+def test_defaults_keep_the_original_contract():
+    s = Settings.from_env({})
+    assert s.model == "base" and s.model_label == "whisper-base"
+    assert s.language == "fr"
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+    assert s.engine == "faster-whisper" and s.device == "auto"
+    assert s.cors_origins == () and not s.auth_enabled
+    assert s.vad is True
+
+
+def test_model_directory_and_label(tmp_path):
+    model = tmp_path / "faster-whisper-small"
+    model.mkdir()
+    s = Settings.from_env({"WHISPER_MODEL": str(model), "WHISPER_LANGUAGE": "auto"})
+    assert s.model_label == "whisper-small"
+    assert s.language is None
+    assert {"whisper-1", "whisper-small", "small"} <= s.model_aliases
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("WHISPER_PORT", "eighty", "whole number"),
+    ("WHISPER_PORT", "70000", "between 0 and 65535"),
+    ("WHISPER_MODEL", "gigantic", "model name"),
+    ("WHISPER_LANGUAGE", "french", "ISO 639-1"),
+    ("WHISPER_DEVICE", "tpu", "auto, cpu, cuda"),
+    ("WHISPER_ENGINE", "whisper.cpp", "faster-whisper, openai-whisper"),
+    ("WHISPER_COMPUTE_TYPE", "int4", "one of"),
+    ("WHISPER_VAD", "maybe", "true or false"),
+    ("WHISPER_CONCURRENCY", "0", "between 1 and 64"),
+    ("WHISPER_CORS_ORIGINS", "app.example.com", "https://app.example.com"),
+    ("WHISPER_CORS_ORIGINS", "*,https://a.example", "mixes *"),
+    ("WHISPER_HOST", "example.com", "IP address"),
+])
+def test_bad_values_are_named_with_what_to_change(name, value, words):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({name: value, "WHISPER_API_KEY": "k" * 20})
+    assert name in str(err.value) and words in str(err.value)
+
+
+def test_every_bad_value_is_reported_at_once():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"WHISPER_PORT": "x", "WHISPER_QUEUE_SIZE": "-1", "WHISPER_VAD": "2"})
+    message = str(err.value)
+    assert "WHISPER_PORT" in message and "WHISPER_QUEUE_SIZE" in message and "WHISPER_VAD" in message
+
+
+def test_listening_beyond_loopback_needs_a_key():
+    with pytest.raises(SettingsError, match="no API key"):
+        Settings.from_env({"WHISPER_HOST": "0.0.0.0"})
+    assert Settings.from_env({"WHISPER_HOST": "0.0.0.0", "WHISPER_API_KEY": "k" * 20}).auth_enabled
+    assert Settings.from_env({"WHISPER_HOST": "0.0.0.0", "WHISPER_ALLOW_UNAUTHENTICATED": "true"}).host == "0.0.0.0"
+
+
+def test_keys_never_show():
+    s = Settings.from_env({"WHISPER_API_KEY": "super-secret-key-123456"})
+    assert "super-secret" not in repr(s)
+    assert s.describe()["api_key"] == "********"
+
+
+def test_keys_file_must_exist(tmp_path):
+    with pytest.raises(SettingsError, match="not a readable file"):
+        Settings.from_env({"WHISPER_API_KEYS_FILE": str(tmp_path / "missing")})
+
+
+def test_http_threads_must_leave_room_for_health():
+    with pytest.raises(SettingsError, match="WHISPER_HTTP_THREADS"):
+        Settings.from_env({"WHISPER_CONCURRENCY": "2", "WHISPER_QUEUE_SIZE": "4", "WHISPER_HTTP_THREADS": "5"})
+    assert Settings.from_env({"WHISPER_CONCURRENCY": "2", "WHISPER_QUEUE_SIZE": "4"}).effective_http_threads == 10
