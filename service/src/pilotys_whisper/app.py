@@ -121,7 +121,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, load_model: 
     admission = Admission(settings.concurrency, settings.queue_size)
     state = ServiceState(
         settings=settings, engine=engine,
-        keyring=KeyRing(settings.api_key, settings.api_keys_file),
+        keyring=KeyRing(settings.api_key, settings.api_keys_file, webhook_secret=settings.webhook_secret),
         admission=admission,
         metrics=Metrics(admission, settings.model_label, engine.name),
         languages=_languages(),
@@ -298,7 +298,8 @@ class TranscriptionParams:
     filename: str = ""
 
     @classmethod
-    def parse(cls, state: ServiceState, *, legacy: bool = False, task: str = "transcribe") -> TranscriptionParams:
+    def parse(cls, state: ServiceState, *, legacy: bool = False, task: str = "transcribe",
+              require_ready: bool = True) -> TranscriptionParams:
         """Validate the form fields and the uploaded file (everything cheap, before queueing)."""
         settings = state.settings
         form = request.form
@@ -328,7 +329,8 @@ class TranscriptionParams:
         if prompt is not None and len(prompt) > 4000:
             raise ApiError(400, "prompt_too_long", "prompt must be at most 4000 characters", param="prompt")
         path, size = _saved_upload(upload, settings)
-        state.require_ready()
+        if require_ready:
+            state.require_ready()
         info = probe(path)
         if info.duration is not None and info.duration > settings.max_duration_s + 1:
             raise too_long(settings.max_duration_s)

@@ -119,6 +119,13 @@ class KeyRing:
                 return self._inline + self._file_entries
         return self._inline
 
+    def principal_for(self, key_id: str) -> Principal | None:
+        """The current Principal of a key id (None once the key is removed), for webhook secrets."""
+        for entry in self._entries():
+            if entry.principal.key_id == key_id:
+                return entry.principal
+        return ANONYMOUS if key_id == ANONYMOUS.key_id and not self.enabled else None
+
     def authenticate(self, authorization: str | None) -> Principal | None:
         if not self.enabled:
             return ANONYMOUS

@@ -64,9 +64,14 @@ class Settings:
     state_dir: Path | None = None  # jobs database and spool; None disables the jobs API
     job_workers: int = 1
     job_retention_s: int = 24 * 3600
+    job_purge_interval_s: int = 60
+    spool_min_free_mb: int = 256
+    webhook_secret: Secret | None = None  # for WHISPER_API_KEY (keys-file keys carry their own)
     webhook_allow_private: tuple[str, ...] = ()
+    webhook_ca_file: str | None = None
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 6
+    webhook_backoff_s: float = 10.0
 
     @property
     def max_upload_bytes(self) -> int:
@@ -108,6 +113,7 @@ class Settings:
         label = r.text("WHISPER_MODEL_LABEL", _default_label(model))
         language = r.text("WHISPER_LANGUAGE", "fr", check=_check_language).lower()
         api_key = r.text("WHISPER_API_KEY", "")
+        webhook_secret = r.text("WHISPER_WEBHOOK_SECRET", "")
         keys_file = r.text("WHISPER_API_KEYS_FILE", "")
         host = r.text("WHISPER_HOST", "127.0.0.1", check=_check_host)
         allow_unauth = r.boolean("WHISPER_ALLOW_UNAUTHENTICATED", False)
@@ -138,10 +144,15 @@ class Settings:
             log_level=r.choice("WHISPER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
             state_dir=r.path("WHISPER_STATE_DIR"),
             job_workers=r.integer("WHISPER_JOB_WORKERS", 1, 1, 16),
-            job_retention_s=r.integer("WHISPER_JOB_RETENTION_S", 24 * 3600, 60, 90 * 24 * 3600),
+            job_retention_s=r.integer("WHISPER_JOB_RETENTION_S", 24 * 3600, 1, 90 * 24 * 3600),
+            job_purge_interval_s=r.integer("WHISPER_JOB_PURGE_INTERVAL_S", 60, 1, 24 * 3600),
+            spool_min_free_mb=r.integer("WHISPER_SPOOL_MIN_FREE_MB", 256, 0, 10**9),
+            webhook_secret=Secret(webhook_secret) if webhook_secret else None,
             webhook_allow_private=r.networks("WHISPER_WEBHOOK_ALLOW_PRIVATE"),
+            webhook_ca_file=str(r.path("WHISPER_WEBHOOK_CA_FILE") or "") or None,
             webhook_timeout_s=float(r.integer("WHISPER_WEBHOOK_TIMEOUT_S", 10, 1, 120)),
             webhook_max_attempts=r.integer("WHISPER_WEBHOOK_MAX_ATTEMPTS", 6, 1, 20),
+            webhook_backoff_s=float(r.integer("WHISPER_WEBHOOK_BACKOFF_S", 10, 1, 3600)),
         )
         r.raise_errors()
         if settings.http_threads and settings.http_threads < settings.concurrency + settings.queue_size + 1:

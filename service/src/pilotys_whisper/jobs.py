@@ -1,0 +1,530 @@
+"""Asynchronous jobs for long recordings: accepted once safely on disk, run in the background, survive restarts.
+
+State lives in an embedded SQLite database (WAL, synchronous=FULL) and a spool directory under
+WHISPER_STATE_DIR. A job's audio is deleted as soon as the job ends; results expire after
+WHISPER_JOB_RETENTION_S. After a crash or a reboot, queued jobs run and interrupted ones start again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from .engines import Cancelled, Segment, TranscribeOptions, Transcription, Word
+from .errors import ApiError
+from .formats import RESPONSE_FORMATS, render
+from .webhooks import WebhookPolicy
+
+log = logging.getLogger("pilotys_whisper.jobs")
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+MAX_ATTEMPTS = 3  # a job that keeps killing the process is failed rather than retried forever
+PROGRESS_EVERY_S = 1.0
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    expires_at REAL,
+    filename TEXT,
+    size INTEGER,
+    duration REAL,
+    progress REAL NOT NULL DEFAULT 0,
+    options TEXT NOT NULL,
+    response_format TEXT NOT NULL,
+    callback_url TEXT,
+    idempotency_key TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error_code TEXT,
+    error_message TEXT,
+    result TEXT,
+    webhook_status TEXT NOT NULL DEFAULT 'none',
+    webhook_next_at REAL,
+    webhook_attempts TEXT NOT NULL DEFAULT '[]',
+    UNIQUE (owner, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_webhook ON jobs (webhook_status, webhook_next_at);
+"""
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class _Shutdown(Exception):
+    """The service is stopping: the running job goes back to the queue."""
+
+
+class JobStore:
+    """The jobs table. One connection per thread; every write is its own transaction."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+        with self._conn() as db:
+            db.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self):
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def get(self, job_id: str, owner: str | None = None) -> sqlite3.Row | None:
+        sql, args = "SELECT * FROM jobs WHERE id = ?", [job_id]
+        if owner is not None:
+            sql, args = sql + " AND owner = ?", args + [owner]
+        return self._conn().execute(sql, args).fetchone()
+
+    def update(self, job_id: str, **fields) -> None:
+        names = ", ".join(f"{name} = ?" for name in fields)
+        self._conn().execute(f"UPDATE jobs SET {names} WHERE id = ?", [*fields.values(), job_id])  # noqa: S608
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class JobManager:
+    def __init__(self, state):
+        self.state = state
+        settings = state.settings
+        self.settings = settings
+        self.root = Path(settings.state_dir)
+        self.spool = self.root / "spool"
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.root / "jobs.sqlite3")
+        self.policy = WebhookPolicy(settings.webhook_allow_private, settings.webhook_ca_file,
+                                    settings.webhook_timeout_s)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cancel: set[str] = set()
+        self._threads: list[threading.Thread] = []
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Requeue what a crash interrupted, then start the workers and the webhook/cleanup loop."""
+        with self.store.transaction() as db:
+            requeued = db.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'").rowcount
+        if requeued:
+            log.warning("%d interrupted job(s) queued again", requeued)
+        for number in range(self.settings.job_workers):
+            self._spawn(self._work, f"job-worker-{number}")
+        self._spawn(self._housekeeping, "job-housekeeping")
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout: float = 25.0) -> None:
+        """Stop taking jobs; a running one stops at its next chunk and goes back to the queue."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- the API ---------------------------------------------------------------------------------------------
+
+    def blueprint(self) -> Blueprint:
+        bp = Blueprint("jobs", __name__)
+        bp.add_url_rule("/v1/jobs", view_func=self.submit, methods=["POST"])
+        bp.add_url_rule("/v1/jobs", view_func=self.list_jobs, methods=["GET"])
+        bp.add_url_rule("/v1/jobs/<job_id>", view_func=self.show, methods=["GET"])
+        bp.add_url_rule("/v1/jobs/<job_id>", view_func=self.cancel, methods=["DELETE"])
+        bp.add_url_rule("/v1/jobs/<job_id>/result", view_func=self.result, methods=["GET"])
+        return bp
+
+    def submit(self):
+        from .app import TranscriptionParams
+
+        principal = self.state.authenticate()
+        idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
+        if idempotency_key is not None and len(idempotency_key) > 255:
+            raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters")
+        if idempotency_key:
+            existing = self._by_idempotency_key(principal.key_id, idempotency_key)
+            if existing is not None:
+                response = jsonify(self._view(existing))
+                response.headers["Idempotent-Replayed"] = "true"
+                return response, 200
+        callback_url = (request.form.get("callback_url") or "").strip() or None
+        if callback_url:
+            if not principal.webhook_secret:
+                raise ApiError(400, "webhook_secret_missing",
+                               "no webhook secret is configured for this API key: ask the operator to set one "
+                               "(webhook_secret= in the keys file) or poll the job instead", param="callback_url")
+            self.policy.check(callback_url)
+        params = TranscriptionParams.parse(self.state, require_ready=False)
+        job_id = "job_" + uuid.uuid4().hex
+        audio = self._spool_upload(params.path, params.size, job_id)
+        options = {k: v for k, v in asdict(params.options).items() if k != "max_duration_s"}
+        now = time.time()
+        try:
+            with self.store.transaction() as db:
+                if idempotency_key:
+                    # A concurrent retry with the same key may have won the race: answer with its job.
+                    row = db.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                                     (principal.key_id, idempotency_key)).fetchone()
+                    if row is not None:
+                        audio.unlink(missing_ok=True)
+                        response = jsonify(self._view(row))
+                        response.headers["Idempotent-Replayed"] = "true"
+                        return response, 200
+                db.execute(
+                    "INSERT INTO jobs (id, owner, status, created_at, filename, size, duration, options, "
+                    "response_format, callback_url, idempotency_key, webhook_status) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, principal.key_id, now, params.filename[:255], params.size, params.options.duration_hint,
+                     json.dumps(options), params.response_format, callback_url, idempotency_key,
+                     "pending" if callback_url else "none"))
+        except BaseException:
+            audio.unlink(missing_ok=True)
+            raise
+        self._wake.set()
+        g.audio_s = params.options.duration_hint
+        log.info("job %s queued (%.0f s of audio)", job_id, params.options.duration_hint or 0)
+        response = jsonify(self._view(self.store.get(job_id)))
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        return response, 202
+
+    def list_jobs(self):
+        principal = self.state.authenticate()
+        try:
+            limit = min(max(int(request.args.get("limit", 20)), 1), 100)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_limit", "limit must be a number from 1 to 100", param="limit") from exc
+        status = request.args.get("status")
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, "invalid_status", f"status must be one of {', '.join(STATUSES)}", param="status")
+        sql, args = "SELECT * FROM jobs WHERE owner = ?", [principal.key_id]
+        if status:
+            sql, args = sql + " AND status = ?", args + [status]
+        rows = self.store._conn().execute(sql + " ORDER BY created_at DESC LIMIT ?", [*args, limit]).fetchall()
+        return jsonify(object="list", data=[self._view(r) for r in rows])
+
+    def show(self, job_id: str):
+        return jsonify(self._view(self._owned(job_id)))
+
+    def cancel(self, job_id: str):
+        row = self._owned(job_id)
+        if row["status"] in FINISHED:
+            raise ApiError(409, "job_finished", f"the job is already {row['status']}")
+        with self.store.transaction() as db:
+            current = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()["status"]
+            if current == "queued":
+                db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, expires_at = ?, "
+                           "cancel_requested = 1 WHERE id = ?",
+                           (time.time(), time.time() + self.settings.job_retention_s, job_id))
+            elif current == "running":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        if current == "queued":
+            self._audio_path(job_id).unlink(missing_ok=True)
+        else:
+            self._cancel.add(job_id)  # the worker stops at its next chunk
+        return jsonify(self._view(self.store.get(job_id))), 202 if current == "running" else 200
+
+    def result(self, job_id: str):
+        row = self._owned(job_id)
+        fmt = request.args.get("format", row["response_format"])
+        if fmt not in RESPONSE_FORMATS:
+            raise ApiError(400, "invalid_response_format",
+                           f"format must be one of {', '.join(RESPONSE_FORMATS)}", param="format")
+        if row["status"] != "succeeded":
+            raise ApiError(409, "job_not_succeeded", f"the job is {row['status']}; its result is available once "
+                           "it has succeeded", headers={"Retry-After": "5"} if row["status"] not in FINISHED else {})
+        options = json.loads(row["options"])
+        result = _load_result(row["result"])
+        granularities = ("segment", "word") if options.get("word_timestamps") else ("segment",)
+        body, content_type = render(result, fmt, options.get("task", "transcribe"), granularities)
+        if isinstance(body, dict):
+            return jsonify(body)
+        return Response(body, content_type=content_type)
+
+    def update_metrics(self) -> None:
+        rows = self.store._conn().execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        counts = {r["status"]: r["n"] for r in rows}
+        for status in STATUSES:
+            self.state.metrics.jobs.labels(status=status).set(counts.get(status, 0))
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _owned(self, job_id: str) -> sqlite3.Row:
+        principal = self.state.authenticate()
+        row = self.store.get(job_id, principal.key_id)
+        if row is None:  # another key's job looks exactly like a missing one
+            raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
+        return row
+
+    def _by_idempotency_key(self, owner: str, key: str) -> sqlite3.Row | None:
+        return self.store._conn().execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                                          (owner, key)).fetchone()
+
+    def _audio_path(self, job_id: str) -> Path:
+        return self.spool / f"{job_id}.audio"
+
+    def _spool_upload(self, upload_path: str, size: int, job_id: str) -> Path:
+        """Copy the upload into the spool and fsync it: only then is the job accepted."""
+        free = shutil.disk_usage(self.spool).free
+        if free - size < self.settings.spool_min_free_mb * 1024 * 1024:
+            raise ApiError(507, "insufficient_storage",
+                           f"not enough disk space to accept this job ({free // (1024 * 1024)} MB free); "
+                           "retry later or ask the operator to free space", headers={"Retry-After": "60"})
+        target, partial = self._audio_path(job_id), self.spool / f"{job_id}.part"
+        try:
+            with open(upload_path, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(partial, target)
+            dir_fd = os.open(self.spool, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ApiError(507, "insufficient_storage", "the disk is full: the job was not accepted",
+                               headers={"Retry-After": "60"}) from exc
+            raise
+        return target
+
+    def _view(self, row: sqlite3.Row) -> dict:
+        job_id = row["id"]
+        error = {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None
+        webhook = None
+        if row["callback_url"]:
+            webhook = {"url": row["callback_url"], "status": row["webhook_status"],
+                       "attempts": json.loads(row["webhook_attempts"])}
+        return {
+            "id": job_id,
+            "object": "transcription.job",
+            "status": row["status"],
+            "progress": round(row["progress"], 4),
+            "created_at": _iso(row["created_at"]),
+            "started_at": _iso(row["started_at"]),
+            "finished_at": _iso(row["finished_at"]),
+            "expires_at": _iso(row["expires_at"]),
+            "filename": row["filename"],
+            "duration": row["duration"],
+            "attempts": row["attempts"],
+            "error": error,
+            "webhook": webhook,
+            "links": {"self": f"/v1/jobs/{job_id}", "result": f"/v1/jobs/{job_id}/result",
+                      "cancel": f"/v1/jobs/{job_id}"},
+        }
+
+    # -- the worker ----------------------------------------------------------------------------------------
+
+    def _claim(self) -> sqlite3.Row | None:
+        with self.store.transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at LIMIT 1").fetchone()
+            if row is None:
+                return None
+            if row["attempts"] >= MAX_ATTEMPTS:
+                db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
+                           "error_message = ?, webhook_next_at = ? WHERE id = ?",
+                           (time.time(), time.time() + self.settings.job_retention_s, "interrupted",
+                            f"the job was interrupted {MAX_ATTEMPTS} times (the service stopped while running it)",
+                            time.time(), row["id"]))
+                self._audio_path(row["id"]).unlink(missing_ok=True)
+                self._wake.set()  # look at the next one
+                return None
+            db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, progress = 0 "
+                       "WHERE id = ?", (time.time(), row["id"]))
+        return self.store.get(row["id"])
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            if not self.state.ready.wait(1.0):
+                continue
+            row = self._claim()
+            if row is None:
+                self._wake.wait(2.0)
+                self._wake.clear()
+                continue
+            self._run(row)
+
+    def _run(self, row: sqlite3.Row) -> None:
+        job_id = row["id"]
+        options = TranscribeOptions(**json.loads(row["options"]), max_duration_s=self.settings.max_duration_s)
+        last = {"at": 0.0, "progress": 0.0}
+
+        def progress(done: float, total: float) -> None:
+            total = total or row["duration"] or 0
+            if not total:
+                return
+            value = min(done / total, 1.0)
+            now = time.monotonic()
+            if value > last["progress"] and (now - last["at"] >= PROGRESS_EVERY_S or value >= 1.0):
+                last.update(at=now, progress=value)
+                self.store.update(job_id, progress=value)
+
+        def should_stop() -> bool:
+            if self._stopping.is_set():
+                raise _Shutdown()
+            return job_id in self._cancel
+
+        started = time.monotonic()
+        log.info("job %s running (attempt %d)", job_id, row["attempts"])
+        try:
+            with self.state.admission.slot(bounded_queue=False):
+                result = self.state.engine.transcribe(str(self._audio_path(job_id)), options, progress, should_stop)
+        except _Shutdown:
+            self.store.update(job_id, status="queued")
+            log.info("job %s back in the queue: the service is stopping", job_id)
+            return
+        except Cancelled:
+            self._finish(job_id, "cancelled")
+            self._cancel.discard(job_id)
+            return
+        except ApiError as exc:
+            self._finish(job_id, "failed", error=(exc.code, exc.message))
+            return
+        except Exception as exc:  # noqa: BLE001 - the job fails, the worker lives on
+            log.exception("job %s failed", job_id)
+            self._finish(job_id, "failed", error=("internal_error", f"transcription failed: {type(exc).__name__}"))
+            return
+        elapsed = time.monotonic() - started
+        self.state.metrics.observe_transcription(result.duration, elapsed)
+        self._finish(job_id, "succeeded", result=result)
+        log.info("job %s succeeded: %.1f s of audio in %.1f s", job_id, result.duration, elapsed)
+
+    def _finish(self, job_id: str, status: str, *, result: Transcription | None = None,
+                error: tuple[str, str] | None = None) -> None:
+        now = time.time()
+        fields = dict(status=status, finished_at=now, expires_at=now + self.settings.job_retention_s,
+                      webhook_next_at=now)
+        if result is not None:
+            fields.update(result=_dump_result(result), progress=1.0, duration=result.duration)
+        if error is not None:
+            fields.update(error_code=error[0], error_message=error[1])
+        row = self.store.get(job_id)
+        if status == "cancelled" or row["callback_url"] is None:
+            fields["webhook_status"] = "none" if row["callback_url"] is None else "skipped"
+        self.store.update(job_id, **fields)
+        self._audio_path(job_id).unlink(missing_ok=True)  # audio leaves the disk as soon as the job ends
+        self._wake.set()
+
+    # -- webhooks and cleanup --------------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        last_purge = 0.0
+        while not self._stopping.is_set():
+            try:
+                self._deliver_due()
+                if time.monotonic() - last_purge >= self.settings.job_purge_interval_s:
+                    self.purge()
+                    last_purge = time.monotonic()
+            except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
+                log.exception("job housekeeping failed")
+            self._stopping.wait(0.5)
+
+    def _deliver_due(self) -> None:
+        due = self.store._conn().execute(
+            "SELECT * FROM jobs WHERE webhook_status = 'pending' AND status IN ('succeeded', 'failed') "
+            "AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 10", (time.time(),)).fetchall()
+        for row in due:
+            self._deliver(row)
+
+    def _deliver(self, row: sqlite3.Row) -> None:
+        principal = self.state.keyring.principal_for(row["owner"])
+        attempts = json.loads(row["webhook_attempts"])
+        record: dict = {"at": _iso(time.time())}
+        delivered = False
+        if principal is None or not principal.webhook_secret:
+            record["error"] = "the API key or its webhook secret was removed"
+        else:
+            event = {"id": "evt_" + uuid.uuid4().hex, "type": f"job.{row['status']}", "created_at": _iso(time.time()),
+                     "data": self._view(row)}
+            body = json.dumps(event).encode()
+            try:
+                status = self.policy.deliver(row["callback_url"], principal.webhook_secret, body, event["id"])
+                record["status_code"] = status
+                delivered = 200 <= status < 300
+            except ApiError as exc:
+                record["error"] = exc.message
+            except OSError as exc:
+                record["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        attempts.append(record)
+        if delivered:
+            fields = dict(webhook_status="delivered", webhook_next_at=None)
+        elif len(attempts) >= self.settings.webhook_max_attempts or principal is None:
+            fields = dict(webhook_status="failed", webhook_next_at=None)
+        else:
+            delay = self.settings.webhook_backoff_s * 2 ** (len(attempts) - 1)
+            fields = dict(webhook_next_at=time.time() + min(delay, 3600))
+        self.store.update(row["id"], webhook_attempts=json.dumps(attempts), **fields)
+        log.info("job %s webhook attempt %d: %s", row["id"], len(attempts),
+                 record.get("status_code", record.get("error")))
+
+    def purge(self) -> int:
+        """Delete expired jobs, their results, and audio no job owns any more."""
+        with self.store.transaction() as db:
+            expired = [r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ? AND "
+                "webhook_status != 'pending'", (time.time(),)).fetchall()]
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(j,) for j in expired])
+            live = {r["id"] for r in db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")}
+        for path in self.spool.iterdir():
+            job_id = path.name.split(".", 1)[0]
+            if job_id not in live and time.time() - path.stat().st_mtime > 60:
+                path.unlink(missing_ok=True)
+        if expired:
+            log.info("purged %d expired job(s)", len(expired))
+        return len(expired)
+
+
+def _dump_result(result: Transcription) -> str:
+    return json.dumps(asdict(result))
+
+
+def _load_result(data: str) -> Transcription:
+    raw = json.loads(data)
+    segments = []
+    for seg in raw.pop("segments"):
+        words = seg.pop("words", None)
+        segments.append(Segment(**seg, words=None if words is None else [Word(**w) for w in words]))
+    return Transcription(segments=segments, **raw)

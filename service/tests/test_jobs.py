@@ -1,0 +1,258 @@
+"""Jobs for long meetings: acceptance, idempotency, isolation, cancel, progress, webhooks, purge, disk full."""
+
+import http.server
+import json
+import ssl
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pilotys_whisper.app import create_app
+from pilotys_whisper.errors import ApiError
+from pilotys_whisper.webhooks import WebhookPolicy, verify
+
+from conftest import FakeEngine, make_settings
+
+ALICE = "alice-key-0123456789"
+BOB = "bob-key-0123456789ab"
+SECRET = "whsec-test-secret-0123"
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"{ALICE} label=alice webhook_secret={SECRET}\n{BOB} label=bob\n")
+    return path
+
+
+def make_app(tmp_path, keys_file, engine=None, **settings):
+    env = dict(WHISPER_API_KEY="", WHISPER_API_KEYS_FILE=keys_file, WHISPER_STATE_DIR=tmp_path / "state",
+               WHISPER_TMP_DIR=tmp_path, WHISPER_WEBHOOK_BACKOFF_S=1, WHISPER_JOB_PURGE_INTERVAL_S=1)
+    env.update(settings)
+    app = create_app(make_settings(**env), engine or FakeEngine())
+    app.extensions["whisper"].ready.wait(5)
+    return app
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def app(tmp_path, keys_file, engine):
+    app = make_app(tmp_path, keys_file, engine)
+    yield app
+    engine.release.set()
+    app.extensions["whisper"].jobs.stop()
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def submit(client, audio, key=ALICE, headers=None, **fields):
+    with open(audio("fr_meeting.wav"), "rb") as f:
+        return client.post("/v1/jobs", data={"file": (f, "meeting.wav"), **fields},
+                           headers={**auth(key), **(headers or {})}, content_type="multipart/form-data")
+
+
+def wait_status(client, job_id, statuses, key=ALICE, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).get_json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job stayed {job['status']}")
+
+
+def test_submit_poll_and_fetch_every_format(app, audio):
+    client = app.test_client()
+    r = submit(client, audio, response_format="verbose_json", language="fr")
+    assert r.status_code == 202
+    job = r.get_json()
+    assert job["status"] in ("queued", "running") and job["id"].startswith("job_")
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["duration"] == pytest.approx(37.9, abs=0.2)
+    done = wait_status(client, job["id"], ("succeeded",))
+    assert done["progress"] == 1.0 and done["finished_at"] and done["expires_at"]
+    body = client.get(f"/v1/jobs/{job['id']}/result", headers=auth(ALICE)).get_json()
+    assert body["language"] == "french" and body["segments"]  # the format chosen at submission
+    assert client.get(f"/v1/jobs/{job['id']}/result?format=text", headers=auth(ALICE)).get_data(
+        as_text=True).startswith("Bonjour")
+    srt = client.get(f"/v1/jobs/{job['id']}/result?format=srt", headers=auth(ALICE)).get_data(as_text=True)
+    assert srt.startswith("1\n00:00:00,000 --> ")
+    bad = client.get(f"/v1/jobs/{job['id']}/result?format=pdf", headers=auth(ALICE))
+    assert bad.status_code == 400
+
+
+def test_audio_is_deleted_when_the_job_ends(app, audio, tmp_path):
+    client = app.test_client()
+    job = submit(client, audio).get_json()
+    wait_status(client, job["id"], ("succeeded",))
+    assert list((tmp_path / "state" / "spool").iterdir()) == []
+
+
+def test_bad_input_is_refused_before_acceptance(app, audio):
+    client = app.test_client()
+    r = client.post("/v1/jobs", data={"file": (open(audio("video_no_audio.mp4"), "rb"), "x.mp4")},
+                    headers=auth(ALICE), content_type="multipart/form-data")
+    assert r.status_code == 422
+    assert client.get("/v1/jobs", headers=auth(ALICE)).get_json()["data"] == []
+
+
+def test_idempotency_key_returns_the_same_job(app, audio):
+    client = app.test_client()
+    first = submit(client, audio, headers={"Idempotency-Key": "upload-42"})
+    again = submit(client, audio, headers={"Idempotency-Key": "upload-42"})
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == first.get_json()["id"]
+    other = submit(client, audio, key=BOB, headers={"Idempotency-Key": "upload-42"})
+    assert other.status_code == 202 and other.get_json()["id"] != first.get_json()["id"]
+    assert len(client.get("/v1/jobs", headers=auth(ALICE)).get_json()["data"]) == 1
+
+
+def test_a_key_sees_only_its_own_jobs(app, audio):
+    client = app.test_client()
+    job_id = submit(client, audio).get_json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(BOB)).status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/result", headers=auth(BOB)).status_code == 404
+    assert client.delete(f"/v1/jobs/{job_id}", headers=auth(BOB)).status_code == 404
+    assert client.get("/v1/jobs", headers=auth(BOB)).get_json()["data"] == []
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 401
+
+
+def test_cancel_a_queued_and_a_running_job(app, audio, engine):
+    engine.release.clear()
+    client = app.test_client()
+    running = submit(client, audio).get_json()["id"]
+    assert engine.started.wait(10)
+    queued = submit(client, audio).get_json()["id"]
+    assert client.get(f"/v1/jobs/{queued}", headers=auth(ALICE)).get_json()["status"] == "queued"
+    assert client.delete(f"/v1/jobs/{queued}", headers=auth(ALICE)).get_json()["status"] == "cancelled"
+    r = client.delete(f"/v1/jobs/{running}", headers=auth(ALICE))
+    assert r.status_code == 202
+    assert wait_status(client, running, ("cancelled",))["status"] == "cancelled"
+    assert client.delete(f"/v1/jobs/{running}", headers=auth(ALICE)).status_code == 409
+    r = client.get(f"/v1/jobs/{running}/result", headers=auth(ALICE))
+    assert r.status_code == 409 and r.get_json()["error"]["code"] == "job_not_succeeded"
+
+
+def test_full_disk_is_507_and_leaves_nothing(tmp_path, keys_file, audio):
+    app = make_app(tmp_path, keys_file, WHISPER_SPOOL_MIN_FREE_MB=10**8)
+    try:
+        r = submit(app.test_client(), audio)
+        assert r.status_code == 507 and r.get_json()["error"]["code"] == "insufficient_storage"
+        assert r.headers["Retry-After"]
+        assert list((tmp_path / "state" / "spool").iterdir()) == []
+        assert app.test_client().get("/v1/jobs", headers=auth(ALICE)).get_json()["data"] == []
+    finally:
+        app.extensions["whisper"].jobs.stop()
+
+
+def test_results_expire_and_are_purged(tmp_path, keys_file, audio):
+    app = make_app(tmp_path, keys_file, WHISPER_JOB_RETENTION_S=1)
+    try:
+        client = app.test_client()
+        job_id = submit(client, audio).get_json()["id"]
+        wait_status(client, job_id, ("succeeded",))
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).status_code != 404:
+            assert time.monotonic() < deadline, "the expired job was not purged"
+            time.sleep(0.2)
+    finally:
+        app.extensions["whisper"].jobs.stop()
+
+
+# -- webhooks -----------------------------------------------------------------------------------------------
+
+def test_callback_urls_that_would_reach_inside_are_refused():
+    policy = WebhookPolicy()
+    for url in ("http://example.com/hook", "https://127.0.0.1/hook", "https://localhost:8443/x",
+                "https://10.1.2.3/hook", "https://192.168.1.10/hook", "https://169.254.169.254/latest",
+                "https://[::1]/hook", "https://user:pw@127.0.0.1/", "ftp://example.com/"):
+        with pytest.raises(ApiError) as err:
+            policy.check(url)
+        assert err.value.status == 400 and err.value.code == "invalid_callback_url", url
+    assert WebhookPolicy(("127.0.0.0/8",)).check("https://127.0.0.1:9443/hook").address == "127.0.0.1"
+
+
+def test_callback_needs_a_secret_for_the_key(app, audio):
+    r = submit(app.test_client(), audio, key=BOB, callback_url="https://127.0.0.1:9/hook")
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "webhook_secret_missing"
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    """An HTTPS endpoint on 127.0.0.1 with its own certificate; fails the first two deliveries."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "hook.crt", tmp_path / "hook.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body, time.monotonic()))
+            self.send_response(500 if len(received) <= 2 else 204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/pilotys/webhook", cert_path, received
+    server.shutdown()
+
+
+def test_signed_webhook_with_retries(tmp_path, keys_file, audio, receiver):
+    url, ca, received = receiver
+    app = make_app(tmp_path, keys_file, WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8", WHISPER_WEBHOOK_CA_FILE=ca)
+    try:
+        client = app.test_client()
+        job_id = submit(client, audio, callback_url=url).get_json()["id"]
+        deadline = time.monotonic() + 30
+        while len(received) < 3:
+            assert time.monotonic() < deadline, f"only {len(received)} deliveries"
+            time.sleep(0.1)
+        headers, body, _ = received[-1]
+        assert verify(SECRET, headers["Whisper-Signature"], body)
+        assert not verify("another-secret", headers["Whisper-Signature"], body)
+        assert not verify(SECRET, headers["Whisper-Signature"], body + b" ")
+        event = json.loads(body)
+        assert event["type"] == "job.succeeded" and event["data"]["id"] == job_id
+        gaps = [b[2] - a[2] for a, b in zip(received, received[1:])]
+        assert gaps[1] > gaps[0] * 1.5, f"no exponential backoff: {gaps}"
+        deadline = time.monotonic() + 5
+        while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).get_json())["webhook"]["status"] != \
+                "delivered":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert [a.get("status_code") for a in job["webhook"]["attempts"]] == [500, 500, 204]
+    finally:
+        app.extensions["whisper"].jobs.stop()

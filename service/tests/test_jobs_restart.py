@@ -1,0 +1,57 @@
+"""Nothing accepted is lost: a job survives SIGKILL of the service (real process, real model)."""
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+
+from conftest import KEY, ServerProcess, reference, wer
+
+pytestmark = [pytest.mark.model, pytest.mark.server]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def job(server, job_id):
+    return requests.get(f"{server.url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).json()
+
+
+def test_job_survives_sigkill_and_progress_is_monotonic(model_dir, audio, tmp_path):
+    env = {"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY, "WHISPER_STATE_DIR": str(tmp_path / "state")}
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    first = ServerProcess(env, uploads).start()
+    try:
+        with open(audio("news_en_169s.wav"), "rb") as f:
+            r = requests.post(f"{first.url}/v1/jobs", files={"file": f}, data={"language": "en"}, headers=AUTH,
+                              timeout=60)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while job(first, job_id)["progress"] <= 0:
+            assert time.monotonic() < deadline, first.logs()
+            time.sleep(0.1)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        first.stop()
+    assert job_id  # the job was running when the service died
+
+    second = ServerProcess(env, uploads).start()
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while (state := job(second, job_id))["status"] not in ("succeeded", "failed"):
+            seen.append(state["progress"])
+            assert time.monotonic() < deadline, second.logs()
+            time.sleep(0.2)
+        assert state["status"] == "succeeded", state
+        assert state["attempts"] == 2
+        assert seen == sorted(seen), f"progress went backwards: {seen}"
+        text = requests.get(f"{second.url}/v1/jobs/{job_id}/result?format=text", headers=AUTH, timeout=10).text
+        assert wer(reference("news_en_169s"), text) <= 0.08
+        assert list((tmp_path / "state" / "spool").iterdir()) == []
+        assert "interrupted job(s) queued again" in second.logs()
+    finally:
+        assert second.stop() == 0
