@@ -1,0 +1,263 @@
+/**
+ * PILOTYS side of pilotys-whisper: send a meeting recording as a job, then either receive the signed
+ * webhook or poll. Works in a Next.js route handler on Vercel (a 10-60 s function only uploads and
+ * returns; the transcription runs on your server), and in any Node.js >= 18 code.
+ *
+ * Configuration: WHISPER_API_URL (e.g. https://whisper.example.com) and WHISPER_API_KEY; for webhooks,
+ * WHISPER_WEBHOOK_SECRET (the webhook_secret configured for that key on the server).
+ */
+import { createHmac, timingSafeEqual } from "node:crypto";
+
+export type JobStatus = "queued" | "running" | "succeeded" | "failed" | "cancelled";
+export type ResultFormat = "json" | "text" | "srt" | "vtt" | "verbose_json";
+
+export interface Job {
+  id: string;
+  object: "transcription.job";
+  status: JobStatus;
+  progress: number;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  expires_at: string | null;
+  filename: string | null;
+  duration: number | null;
+  attempts: number;
+  error: { code: string; message: string } | null;
+  webhook: { url: string; status: string; attempts: Array<Record<string, unknown>> } | null;
+  links: { self: string; result: string; cancel: string };
+}
+
+export interface WebhookEvent {
+  id: string;
+  type: "job.succeeded" | "job.failed";
+  created_at: string;
+  data: Job;
+}
+
+export interface WhisperConfig {
+  apiUrl: string;
+  apiKey: string;
+  /** Per-request timeout in milliseconds (uploads of long meetings can take a while). */
+  timeoutMs?: number;
+}
+
+export interface SubmitOptions {
+  filename: string;
+  language?: string;
+  prompt?: string;
+  responseFormat?: ResultFormat;
+  wordTimestamps?: boolean;
+  /** https URL that receives the signed webhook when the job ends. */
+  callbackUrl?: string;
+  /** Same key on a retried upload: the server returns the job it already has instead of a second one. */
+  idempotencyKey?: string;
+}
+
+export class WhisperError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly retryAfterSeconds?: number,
+  ) {
+    super(message);
+    this.name = "WhisperError";
+  }
+}
+
+export function configFromEnv(env: NodeJS.ProcessEnv = process.env): WhisperConfig {
+  const apiUrl = env.WHISPER_API_URL;
+  const apiKey = env.WHISPER_API_KEY;
+  if (!apiUrl || !apiKey) {
+    throw new Error("set WHISPER_API_URL and WHISPER_API_KEY");
+  }
+  return { apiUrl: apiUrl.replace(/\/+$/, ""), apiKey };
+}
+
+async function call(config: WhisperConfig, path: string, init: RequestInit = {}): Promise<Response> {
+  const headers = new Headers(init.headers);
+  headers.set("Authorization", `Bearer ${config.apiKey}`);
+  const response = await fetch(`${config.apiUrl}${path}`, {
+    ...init,
+    headers,
+    signal: AbortSignal.timeout(config.timeoutMs ?? 120_000),
+  });
+  if (!response.ok) {
+    let code = "http_error";
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = (await response.json()) as { error?: { code?: string; message?: string } };
+      code = body.error?.code ?? code;
+      message = body.error?.message ?? message;
+    } catch {
+      // not JSON: keep the status line
+    }
+    const retry = Number(response.headers.get("Retry-After"));
+    throw new WhisperError(response.status, code, message, Number.isFinite(retry) && retry > 0 ? retry : undefined);
+  }
+  return response;
+}
+
+/** Upload a recording as a job. Resolves once the server has it safely on disk (202), or the earlier job. */
+export async function submitJob(
+  audio: Blob,
+  options: SubmitOptions,
+  config: WhisperConfig = configFromEnv(),
+): Promise<Job> {
+  const form = new FormData();
+  form.append("file", audio, options.filename);
+  if (options.language) form.append("language", options.language);
+  if (options.prompt) form.append("prompt", options.prompt);
+  if (options.responseFormat) form.append("response_format", options.responseFormat);
+  if (options.wordTimestamps) form.append("timestamp_granularities[]", "word");
+  if (options.callbackUrl) form.append("callback_url", options.callbackUrl);
+  const headers: Record<string, string> = {};
+  if (options.idempotencyKey) headers["Idempotency-Key"] = options.idempotencyKey;
+  const response = await call(config, "/v1/jobs", { method: "POST", body: form, headers });
+  return (await response.json()) as Job;
+}
+
+export async function getJob(id: string, config: WhisperConfig = configFromEnv()): Promise<Job> {
+  return (await (await call(config, `/v1/jobs/${encodeURIComponent(id)}`)).json()) as Job;
+}
+
+export async function cancelJob(id: string, config: WhisperConfig = configFromEnv()): Promise<Job> {
+  const response = await call(config, `/v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+  return (await response.json()) as Job;
+}
+
+export async function getResult(
+  id: string,
+  format: ResultFormat = "json",
+  config: WhisperConfig = configFromEnv(),
+): Promise<string> {
+  const response = await call(config, `/v1/jobs/${encodeURIComponent(id)}/result?format=${format}`);
+  return response.text();
+}
+
+/** Poll until the job ends (for a worker or a cron, not a Vercel function: that is what webhooks are for). */
+export async function waitForJob(
+  id: string,
+  { intervalMs = 2000, timeoutMs = 3_600_000, onProgress }: {
+    intervalMs?: number;
+    timeoutMs?: number;
+    onProgress?: (job: Job) => void;
+  } = {},
+  config: WhisperConfig = configFromEnv(),
+): Promise<Job> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const job = await getJob(id, config);
+    onProgress?.(job);
+    if (job.status === "succeeded" || job.status === "failed" || job.status === "cancelled") return job;
+    if (Date.now() > deadline) throw new Error(`job ${id} still ${job.status} after ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, intervalMs));
+  }
+}
+
+/**
+ * Check a webhook's `Whisper-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`.
+ * Use the raw body exactly as received (before any JSON parsing); stale timestamps are refused.
+ */
+export function verifyWebhookSignature(
+  rawBody: string | Uint8Array,
+  header: string | null,
+  secret: string,
+  { toleranceSeconds = 300, now = Date.now() / 1000 }: { toleranceSeconds?: number; now?: number } = {},
+): boolean {
+  if (!header) return false;
+  const parts = new Map(
+    header.split(",").map((item) => {
+      const at = item.indexOf("=");
+      return [item.slice(0, at).trim(), item.slice(at + 1).trim()] as [string, string];
+    }),
+  );
+  const timestamp = Number(parts.get("t"));
+  const given = parts.get("v1") ?? "";
+  if (!Number.isInteger(timestamp) || Math.abs(now - timestamp) > toleranceSeconds) return false;
+  const body = typeof rawBody === "string" ? Buffer.from(rawBody) : Buffer.from(rawBody);
+  const expected = createHmac("sha256", secret).update(`${timestamp}.`).update(body).digest("hex");
+  const a = Buffer.from(expected, "hex");
+  const b = Buffer.from(given, "hex");
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+/** For a route handler: read the raw body, verify it, and return the event (or throw a 401 WhisperError). */
+export async function readWebhook(request: Request, secret: string): Promise<WebhookEvent> {
+  const raw = new Uint8Array(await request.arrayBuffer());
+  if (!verifyWebhookSignature(raw, request.headers.get("Whisper-Signature"), secret)) {
+    throw new WhisperError(401, "invalid_signature", "webhook signature does not match");
+  }
+  return JSON.parse(Buffer.from(raw).toString("utf8")) as WebhookEvent;
+}
+
+/** Route handler for the upload (Next.js App Router: `export const POST = createUploadHandler(...)`). */
+export function createUploadHandler({
+  callbackUrl,
+  language = "fr",
+  config,
+}: { callbackUrl?: string; language?: string; config?: WhisperConfig } = {}) {
+  return async function POST(request: Request): Promise<Response> {
+    const form = await request.formData();
+    const file = form.get("file");
+    if (!(file instanceof Blob)) {
+      return jsonResponse({ error: "send the recording as the multipart field 'file'" }, 400);
+    }
+    const meetingId = form.get("meetingId");
+    try {
+      const job = await submitJob(
+        file,
+        {
+          filename: "name" in file && typeof file.name === "string" ? file.name : "meeting.webm",
+          language,
+          callbackUrl,
+          // A retried upload of the same meeting must not start a second transcription.
+          idempotencyKey: typeof meetingId === "string" && meetingId ? `meeting-${meetingId}` : undefined,
+        },
+        config ?? configFromEnv(),
+      );
+      return jsonResponse({ jobId: job.id, status: job.status }, 202);
+    } catch (error) {
+      if (error instanceof WhisperError) {
+        const headers: Record<string, string> = error.retryAfterSeconds ? { "Retry-After": String(error.retryAfterSeconds) } : {};
+        return jsonResponse({ error: error.message, code: error.code }, error.status >= 500 ? 502 : error.status, headers);
+      }
+      throw error;
+    }
+  };
+}
+
+/** Route handler for the webhook: verifies the signature, then hands the transcript (or the failure) on. */
+export function createWebhookHandler({
+  secret,
+  onSucceeded,
+  onFailed,
+  config,
+}: {
+  secret: string;
+  onSucceeded: (job: Job, result: { text: string; language: string | null; segments: unknown[] }) => Promise<void>;
+  onFailed?: (job: Job) => Promise<void>;
+  config?: WhisperConfig;
+}) {
+  return async function POST(request: Request): Promise<Response> {
+    let event: WebhookEvent;
+    try {
+      event = await readWebhook(request, secret);
+    } catch (error) {
+      if (error instanceof WhisperError) return jsonResponse({ error: error.message }, 401);
+      return jsonResponse({ error: "malformed webhook" }, 400);
+    }
+    if (event.type === "job.succeeded") {
+      const result = JSON.parse(await getResult(event.data.id, "verbose_json", config ?? configFromEnv()));
+      await onSucceeded(event.data, result);
+    } else {
+      await onFailed?.(event.data);
+    }
+    return new Response(null, { status: 204 });
+  };
+}
+
+function jsonResponse(body: unknown, status: number, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json", ...headers } });
+}

@@ -1,0 +1,193 @@
+// The PILOTYS client against the real service (real model), with a real HTTPS webhook receiver.
+import { after, before, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer as createHttpsServer, type Server } from "node:https";
+import { createServer as createNetServer, type AddressInfo } from "node:net";
+import { tmpdir, homedir } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+import {
+  WhisperError,
+  cancelJob,
+  createUploadHandler,
+  createWebhookHandler,
+  getResult,
+  submitJob,
+  verifyWebhookSignature,
+  waitForJob,
+  type Job,
+  type WhisperConfig,
+} from "../src/whisper.js";
+
+const ROOT = resolve(fileURLToPath(new URL(".", import.meta.url)), "../../../..");
+const ASSETS = process.env.PILOTYS_WHISPER_ASSETS ?? join(homedir(), ".cache/pilotys-whisper/assets");
+const KEY = "pilotys-test-key-0123456789";
+const SECRET = "pilotys-webhook-secret-0123456789";
+const work = mkdtempSync(join(tmpdir(), "pilotys-client-"));
+
+let service: ChildProcess;
+let serviceLog = "";
+let receiver: Server;
+let config: WhisperConfig;
+let callbackUrl: string;
+const delivered: Array<{ job: Job; text: string }> = [];
+
+function recording(name = "fr_meeting.webm"): Blob {
+  return new Blob([readFileSync(join(ASSETS, "audio", name))], { type: "audio/webm" });
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((done) => {
+    const server = createNetServer().listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as AddressInfo;
+      server.close(() => done(port));
+    });
+  });
+}
+
+async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 120_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe().catch(() => undefined);
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}\n${serviceLog}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+before(async () => {
+  // A certificate for the webhook receiver, trusted by the service through WHISPER_WEBHOOK_CA_FILE.
+  execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+    "-keyout", join(work, "hook.key"), "-out", join(work, "hook.crt"), "-days", "1", "-subj", "/CN=127.0.0.1",
+    "-addext", "subjectAltName=IP:127.0.0.1"], { stdio: "ignore" });
+  writeFileSync(join(work, "keys"), `${KEY} label=pilotys webhook_secret=${SECRET}\n`);
+
+  const port = await freePort();
+  config = { apiUrl: `http://127.0.0.1:${port}`, apiKey: KEY };
+  service = spawn(process.env.WHISPER_SERVICE_PYTHON ?? "python3", ["-m", "pilotys_whisper", "serve"], {
+    env: {
+      ...process.env,
+      PYTHONPATH: join(ROOT, "service", "src"),
+      WHISPER_MODEL: join(ASSETS, "models", "base"),
+      WHISPER_PORT: String(port),
+      WHISPER_API_KEYS_FILE: join(work, "keys"),
+      WHISPER_STATE_DIR: join(work, "state"),
+      WHISPER_WEBHOOK_ALLOW_PRIVATE: "127.0.0.0/8",
+      WHISPER_WEBHOOK_CA_FILE: join(work, "hook.crt"),
+      WHISPER_WEBHOOK_BACKOFF_S: "1",
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  service.stdout?.on("data", (d) => (serviceLog += d));
+  service.stderr?.on("data", (d) => (serviceLog += d));
+  await until("the service to be ready", async () => {
+    const r = await fetch(`${config.apiUrl}/ready`);
+    return r.ok ? true : undefined;
+  });
+
+  // PILOTYS's webhook route, served over HTTPS as Vercel would.
+  const webhook = createWebhookHandler({
+    secret: SECRET,
+    config,
+    async onSucceeded(job, result) {
+      delivered.push({ job, text: result.text });
+    },
+  });
+  receiver = createHttpsServer(
+    { key: readFileSync(join(work, "hook.key")), cert: readFileSync(join(work, "hook.crt")) },
+    async (req, res) => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of req) chunks.push(chunk as Buffer);
+      const request = new Request(`https://127.0.0.1${req.url}`, {
+        method: req.method,
+        headers: req.headers as Record<string, string>,
+        body: Buffer.concat(chunks),
+      });
+      const response = await webhook(request);
+      res.writeHead(response.status, Object.fromEntries(response.headers));
+      res.end(Buffer.from(await response.arrayBuffer()));
+    },
+  );
+  await new Promise<void>((done) => receiver.listen(0, "127.0.0.1", done));
+  callbackUrl = `https://127.0.0.1:${(receiver.address() as AddressInfo).port}/api/whisper-webhook`;
+});
+
+after(async () => {
+  receiver?.close();
+  if (service && service.exitCode === null) {
+    service.kill("SIGTERM");
+    await new Promise((done) => service.once("exit", done));
+  }
+});
+
+describe("PILOTYS with pilotys-whisper", () => {
+  it("uploads through the route handler and receives the transcript by signed webhook", async () => {
+    const upload = createUploadHandler({ callbackUrl, config });
+    const form = new FormData();
+    form.append("file", recording(), "meeting-42.webm");
+    form.append("meetingId", "42");
+    const response = await upload(new Request("https://app.example/api/transcriptions", { method: "POST", body: form }));
+    assert.equal(response.status, 202);
+    const { jobId } = (await response.json()) as { jobId: string };
+    const got = await until("the webhook", async () => delivered.find((d) => d.job.id === jobId));
+    assert.equal(got.job.status, "succeeded");
+    assert.match(got.text.toLowerCase(), /bonjour/);
+    assert.match(got.text.toLowerCase(), /réunion/);
+  });
+
+  it("polls a job to the end with monotonic progress, then reads the result", async () => {
+    const job = await submitJob(recording("news_en_169s.wav"), { filename: "news.wav", language: "en" }, config);
+    const seen: number[] = [];
+    const done = await waitForJob(job.id, { intervalMs: 200, onProgress: (j) => seen.push(j.progress) }, config);
+    assert.equal(done.status, "succeeded");
+    assert.deepEqual(seen, [...seen].sort((a, b) => a - b));
+    assert.equal(seen.at(-1), 1);
+    const text = await getResult(job.id, "text", config);
+    assert.match(text, /crack a joke/);
+    const srt = await getResult(job.id, "srt", config);
+    assert.match(srt, /^1\n00:00:00,\d{3} --> /);
+  });
+
+  it("does not start a second job for a retried upload", async () => {
+    const first = await submitJob(recording(), { filename: "m.webm", idempotencyKey: "meeting-7" }, config);
+    const again = await submitJob(recording(), { filename: "m.webm", idempotencyKey: "meeting-7" }, config);
+    assert.equal(again.id, first.id);
+  });
+
+  it("cancels a job", async () => {
+    const job = await submitJob(recording("news_en_169s.wav"), { filename: "n.wav", language: "en" }, config);
+    await cancelJob(job.id, config);
+    const done = await waitForJob(job.id, { intervalMs: 200 }, config);
+    assert.equal(done.status, "cancelled");
+  });
+
+  it("rejects forged, altered and stale webhooks", async () => {
+    const body = JSON.stringify({ id: "evt_1", type: "job.succeeded", data: {} });
+    const t = Math.floor(Date.now() / 1000);
+    const { createHmac } = await import("node:crypto");
+    const good = `t=${t},v1=${createHmac("sha256", SECRET).update(`${t}.${body}`).digest("hex")}`;
+    assert.equal(verifyWebhookSignature(body, good, SECRET), true);
+    assert.equal(verifyWebhookSignature(body + " ", good, SECRET), false);
+    assert.equal(verifyWebhookSignature(body, good, "another-secret"), false);
+    assert.equal(verifyWebhookSignature(body, good, SECRET, { now: t + 3600 }), false);
+    assert.equal(verifyWebhookSignature(body, null, SECRET), false);
+    const handler = createWebhookHandler({ secret: SECRET, config, onSucceeded: async () => assert.fail() });
+    const forged = await handler(new Request("https://x/", {
+      method: "POST", body, headers: { "Whisper-Signature": `t=${t},v1=${"0".repeat(64)}` } }));
+    assert.equal(forged.status, 401);
+  });
+
+  it("surfaces the server's errors", async () => {
+    await assert.rejects(
+      submitJob(recording(), { filename: "m.webm" }, { ...config, apiKey: "wrong-key-000000000000" }),
+      (error: unknown) => error instanceof WhisperError && error.status === 401 && error.code === "invalid_api_key",
+    );
+    await assert.rejects(
+      submitJob(new Blob([new Uint8Array(0)]), { filename: "empty.webm" }, config),
+      (error: unknown) => error instanceof WhisperError && error.status === 400 && error.code === "empty_file",
+    );
+  });
+});
