@@ -1,0 +1,196 @@
+"""What an operator would check on a freshly provisioned host, and what PILOTYS gets from it over HTTPS."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+SCENARIO = Path(__file__).resolve().parent.parent
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
+CREDENTIALS = SCENARIO / "inventory" / "credentials"
+ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
+FRENCH = ASSETS / "audio" / "fr_meeting.webm"  # what Chrome's MediaRecorder uploads
+
+
+def journal(host) -> str:
+    return host.run("journalctl -u whisper-service -u caddy --no-pager -n 80").stdout
+
+
+@pytest.fixture(scope="module")
+def address(host) -> str:
+    return host.ansible.get_variables()["ansible_host"]
+
+
+@pytest.fixture(scope="module")
+def api_key() -> str:
+    return (CREDENTIALS / "whisper-api-key").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def ca_bundle() -> str:
+    path = CREDENTIALS / "caddy-root-ca.crt"
+    assert path.is_file(), "the caddy role fetches the internal CA for clients"
+    return str(path)
+
+
+def transcribe(address: str, key: str | None, ca: str, path: Path = FRENCH) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with open(path, "rb") as f:
+        return requests.post(f"https://{address}/v1/audio/transcriptions", headers=headers, timeout=300,
+                             files={"file": (path.name, f)}, data={"model": "whisper-1", "language": "fr"},
+                             verify=ca)
+
+
+def wait_https(address: str, ca: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"https://{address}/ready", verify=ca, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"https://{address}/ready did not answer 200 within {timeout}s")
+
+
+def port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+# -- packages and files -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ffmpeg", "caddy", "ufw", "python3-venv", "unattended-upgrades"])
+def test_packages(host, name):
+    assert host.package(name).is_installed
+
+
+def test_api_keys_are_root_only(host):
+    keys = host.file("/etc/whisper-service/api-keys")
+    assert keys.user == "root" and keys.group == "root" and keys.mode == 0o600
+
+
+def test_model_is_verified_on_the_host(host):
+    check = host.run("cd /opt/whisper-service/models/base && sha256sum --check --strict SHA256SUMS")
+    assert check.rc == 0, check.stdout + check.stderr
+
+
+# -- the service ------------------------------------------------------------------------------------------
+
+def test_service_runs_unprivileged_on_loopback(host):
+    service = host.service("whisper-service")
+    assert service.is_running and service.is_enabled, journal(host)
+    props = service.systemd_properties
+    assert props["DynamicUser"] == "yes" and props["NoNewPrivileges"] == "yes"
+    assert props["LoadCredential"].startswith("api-keys:")
+    pid = props["MainPID"]
+    user = host.run(f"ps -o user= -p {pid}").stdout.strip()
+    assert user and user != "root", f"the service runs as {user!r}"
+    assert host.socket("tcp://127.0.0.1:8000").is_listening
+    assert not host.socket("tcp://0.0.0.0:8000").is_listening
+
+
+def test_systemd_sandbox_exposure_is_low(host):
+    out = host.run("systemd-analyze security whisper-service.service --no-pager").stdout
+    match = re.search(r"Overall exposure level for whisper-service\.service: ([0-9.]+)", out)
+    assert match, out
+    assert float(match.group(1)) < 3.0, out
+
+
+# -- the network ------------------------------------------------------------------------------------------
+
+def test_firewall_is_active(host):
+    status = host.run("ufw status verbose")
+    assert "Status: active" in status.stdout
+    assert "Default: deny (incoming)" in status.stdout
+
+
+def test_only_ssh_and_web_reach_the_host(host, address):
+    # Something listening on every address, as a careless change might do: the firewall still refuses it.
+    host.run("systemd-run --unit=probe-8000 python3 -m http.server 8001 --bind 0.0.0.0")
+    try:
+        assert host.socket("tcp://0.0.0.0:8001").is_listening or _wait_listen(host, 8001)
+        assert not port_open(address, 8001)
+        assert not port_open(address, 8000)
+        assert port_open(address, 22) and port_open(address, 443)
+    finally:
+        host.run("systemctl stop probe-8000")
+
+
+def _wait_listen(host, port: int) -> bool:
+    for _ in range(20):
+        if host.socket(f"tcp://0.0.0.0:{port}").is_listening:
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_https_with_the_internal_ca(address, ca_bundle):
+    r = requests.get(f"https://{address}/health", verify=ca_bundle, timeout=10)
+    assert r.status_code == 200 and r.json()["model"] == "whisper-base"
+    assert "max-age=" in r.headers.get("Strict-Transport-Security", "")
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"https://{address}/health", timeout=10)  # unknown CA: refused, as it should be
+
+
+def test_http_redirects_to_https(address):
+    r = requests.get(f"http://{address}/health", allow_redirects=False, timeout=10)
+    assert r.status_code in (301, 308) and r.headers["Location"].startswith("https://")
+
+
+def test_metrics_are_not_published(address, ca_bundle):
+    assert requests.get(f"https://{address}/metrics", verify=ca_bundle, timeout=10).status_code == 404
+
+
+# -- what PILOTYS does ------------------------------------------------------------------------------------
+
+def test_transcription_over_https(host, address, api_key, ca_bundle):
+    r = transcribe(address, api_key, ca_bundle)
+    assert r.status_code == 200, (r.text, journal(host))
+    text = r.json()["text"].lower()
+    assert "bonjour" in text and "réunion" in text, text
+
+
+def test_key_is_required(address, ca_bundle):
+    r = transcribe(address, None, ca_bundle)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    r = transcribe(address, "not-the-right-key-000000", ca_bundle)
+    assert r.status_code == 401
+
+
+def test_access_log_never_holds_the_key(host, address, api_key, ca_bundle):
+    requests.get(f"https://{address}/v1/models", headers={"Authorization": f"Bearer {api_key}"},
+                 verify=ca_bundle, timeout=10)
+    logs = host.run("cat /var/log/caddy/*.log; journalctl --no-pager -n 500").stdout
+    assert api_key not in logs
+
+
+# -- restarts ---------------------------------------------------------------------------------------------
+
+def test_back_after_a_service_restart(host, address, api_key, ca_bundle):
+    host.run("systemctl restart whisper-service")
+    wait_https(address, ca_bundle)
+    assert transcribe(address, api_key, ca_bundle).status_code == 200
+
+
+def test_back_after_a_host_reboot(host, address, api_key, ca_bundle):
+    name = host.ansible.get_variables()["inventory_hostname"]
+    host.run("systemctl reboot")
+    time.sleep(3)
+    subprocess.run([str(PROJECT / "rig" / "rig"), "wait", name, "180"], check=True)
+    wait_https(address, ca_bundle)
+    assert host.service("whisper-service").is_running
+    assert "Status: active" in host.run("ufw status").stdout
+    assert not port_open(address, 8000)
+    r = transcribe(address, api_key, ca_bundle)
+    assert r.status_code == 200 and "bonjour" in r.json()["text"].lower()

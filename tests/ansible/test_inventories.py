@@ -1,0 +1,45 @@
+"""The top-level group_vars/ really reaches every inventory, and each inventory can override it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_INVENTORY = str(Path(sys.executable).parent / "ansible-inventory")
+PROJECT_VARS = ROOT / "group_vars" / "all" / "main.yml"
+INVENTORIES = [ROOT / "inventories" / "local", ROOT / "inventories" / "production",
+               ROOT / "molecule" / "default" / "inventory"]
+
+
+def host_vars(inventory: Path, host: str) -> dict:
+    # --playbook-dir as ansible-playbook sees it (playbooks/), so that group_vars/ at the top is not
+    # picked up by accident as the current directory's "playbook" group_vars.
+    done = subprocess.run([ANSIBLE_INVENTORY, "-i", str(inventory), "--playbook-dir", str(ROOT / "playbooks"),
+                           "--host", host], capture_output=True, text=True, check=True, cwd="/")
+    return json.loads(done.stdout)
+
+
+def hosts(inventory: Path) -> list[str]:
+    done = subprocess.run([ANSIBLE_INVENTORY, "-i", str(inventory), "--list"], capture_output=True, text=True,
+                          check=True, cwd="/")
+    return sorted(json.loads(done.stdout)["_meta"]["hostvars"])
+
+
+@pytest.mark.parametrize("inventory", INVENTORIES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_project_group_vars_reach_every_host(inventory):
+    project = yaml.safe_load(PROJECT_VARS.read_text())
+    names = hosts(inventory)
+    assert names, f"{inventory} has no host"
+    for name in names:
+        values = host_vars(inventory, name)
+        assert values["ansible_managed"] == project["ansible_managed"]
+        assert values["whisper_service_port"] == project["whisper_service_port"]
+
+
+def test_local_inventory_overrides_the_project_defaults():
+    assert yaml.safe_load(PROJECT_VARS.read_text())["caddy_tls_mode"] == "acme"
+    assert host_vars(ROOT / "inventories" / "local", "demo")["caddy_tls_mode"] == "internal"
