@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# End-to-end test of rig/rig: two hosts, SSH, guest-to-guest traffic, apt, a reboot, the inventory,
+# then teardown and a check that nothing is left. Root only; talks only to the 10.66.x hosts it makes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RIG=rig/rig
+A=rigtest-a B=rigtest-b
+t0=$SECONDS
+step() { printf '[%3ds] %s\n' $((SECONDS - t0)) "$*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+cleanup() { $RIG down "$A" >/dev/null 2>&1 || true; $RIG down "$B" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+step "prepare"; $RIG prepare
+step "up $A and $B"; $RIG up "$A" 241 2>/dev/null; $RIG up "$B" 242 2>/dev/null
+step "again: up is idempotent"; $RIG up "$A" 241 2>/dev/null
+[ "$($RIG ssh "$A" systemd-detect-virt)" = systemd-nspawn ] || fail "not a systemd-nspawn guest"
+[ "$($RIG ssh "$A" hostname)" = "$A" ] || fail "wrong hostname"
+$RIG ssh "$A" ping -c1 -W2 "$($RIG ip "$B")" >/dev/null || fail "guests cannot reach each other"
+step "apt inside a guest"
+$RIG ssh "$A" 'DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null && jq --version' >/dev/null ||
+  fail "apt install failed in the guest"
+step "reboot round trip"
+$RIG ssh "$A" 'systemctl reboot' || true
+sleep 2
+$RIG wait "$A" 120 2>/dev/null
+[ "$($RIG ssh "$A" 'systemctl is-system-running')" = running ] || fail "not running after reboot"
+$RIG ssh "$A" 'command -v jq' >/dev/null || fail "the guest lost its changes across a reboot"
+step "inventory"
+inventory="$($RIG inventory)"
+grep -q "ansible_host: $($RIG ip "$B")" <<<"$inventory" || fail "inventory misses $B"
+if [ -n "${ANSIBLE:-}" ]; then
+  "$ANSIBLE" -i <(echo "$inventory") rig -m ansible.builtin.ping >/dev/null || fail "ansible cannot reach the guests"
+fi
+step "teardown"
+trap - EXIT
+cleanup
+left=0
+[ -z "$(ip netns list | grep -E "^prig-rigtest" || true)" ] || { echo "netns left"; left=1; }
+[ -z "$(ip -br link | grep -E '^p[rg]-rigtest' || true)" ] || { echo "veth left"; left=1; }
+[ -z "$(findmnt -rn -o TARGET | grep -F "/hosts/rigtest" || true)" ] || { echo "mount left"; left=1; }
+if [ -e "/var/lib/pilotys-rig/hosts/$A" ] || [ -e "/var/lib/pilotys-rig/hosts/$B" ]; then echo "state left"; left=1; fi
+[ -z "$(pgrep -f "systemd-nspawn .* -M rigtest" || true)" ] || { echo "process left"; left=1; }
+[ "$left" -eq 0 ] || fail "leftovers after teardown"
+step "1 passed, 0 failed"
