@@ -10,19 +10,18 @@ PYTHON ?= python3
 REQ_HASH := $(shell cat requirements/dev.txt service/constraints.txt | sha256sum | cut -c1-12)
 VENV := $(PILOTYS_WHISPER_CACHE)/venv-$(REQ_HASH)
 BIN := $(VENV)/bin
-ASSETS := $(PILOTYS_WHISPER_CACHE)/assets
-export PILOTYS_WHISPER_ASSETS := $(ASSETS)
+export PILOTYS_WHISPER_ASSETS := $(PILOTYS_WHISPER_CACHE)/assets
 export PATH := $(BIN):$(PATH)
-# Ansible reads ./ansible.cfg; keep its runtime files out of the home directory and the tree.
-export ANSIBLE_HOME := $(PILOTYS_WHISPER_CACHE)/ansible-home
+export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 
-.PHONY: help deps venv assets lint unit test-service test-ansible molecule test demo demo-down bench clean
+.PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
+	molecule unit test demo demo-down bench
 
 help:
 	@echo "make demo       provision a local disposable host and transcribe a sample over HTTPS"
 	@echo "make demo-down  remove the demo host"
-	@echo "make test       every test: lint, unit and service tests, Molecule on a disposable host"
-	@echo "make bench      speed and memory benchmark against the original openai-whisper server"
+	@echo "make test       every test: lint, service, Ansible, client, rig, container, Molecule"
+	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
 
 deps:
 	@scripts/install-host-deps
@@ -38,13 +37,15 @@ venv: deps $(BIN)/.ready
 assets: deps
 	@$(PYTHON) scripts/fetch-assets >/dev/null
 
+rig: deps
+	@rig/rig deps
+	@rig/rig prepare
+
 lint: venv
 	yamllint --strict .
 	ansible-lint
-	ruff check service scripts/fetch-assets bench tests
-	shellcheck scripts/install-host-deps rig/rig tests/rig/*.sh
-
-unit: test-service test-ansible
+	ruff check service scripts/fetch-assets tests bench
+	shellcheck scripts/install-host-deps scripts/demo rig/rig tests/rig/*.sh bench/run
 
 test-service: venv assets
 	cd service && python -m pytest -q
@@ -52,12 +53,23 @@ test-service: venv assets
 test-ansible: venv
 	python -m pytest -q tests/ansible
 
-molecule: venv assets
+test-pilotys: venv assets
+	cd examples/pilotys && npm ci --no-audit --no-fund --loglevel=error && WHISPER_SERVICE_PYTHON=$(BIN)/python npm test
+
+test-rig: venv rig
+	ANSIBLE=$(BIN)/ansible tests/rig/test_rig.sh
+
+test-container: venv assets rig
+	python -m pytest -q -s tests/container
+
+molecule: venv assets rig
 	molecule test --scenario-name default
+
+unit: test-service test-ansible test-pilotys test-rig test-container
 
 test: lint unit molecule
 
-demo: venv assets
+demo: venv assets rig
 	scripts/demo up
 
 demo-down:
@@ -65,6 +77,3 @@ demo-down:
 
 bench: venv assets
 	bench/run
-
-clean:
-	rm -f .venv

@@ -85,6 +85,13 @@ def test_model_is_verified_on_the_host(host):
     assert check.rc == 0, check.stdout + check.stderr
 
 
+def test_network_hardening_and_security_upgrades(host):
+    assert host.sysctl("net.ipv4.tcp_syncookies") == 1
+    assert host.sysctl("net.ipv4.conf.all.accept_redirects") == 0
+    origins = host.run("apt-config dump Unattended-Upgrade::Origins-Pattern").stdout.splitlines()[1:]
+    assert origins and all("label=Debian-Security" in line for line in origins), origins
+
+
 # -- the service ------------------------------------------------------------------------------------------
 
 def test_service_runs_unprivileged_on_loopback(host):
@@ -92,7 +99,10 @@ def test_service_runs_unprivileged_on_loopback(host):
     assert service.is_running and service.is_enabled, journal(host)
     props = service.systemd_properties
     assert props["DynamicUser"] == "yes" and props["NoNewPrivileges"] == "yes"
-    assert props["LoadCredential"].startswith("api-keys:")
+    # The keys reach the service as a systemd credential, readable by the service's user only.
+    credential = host.file("/run/credentials/whisper-service.service/api-keys")
+    assert credential.exists and credential.mode & 0o077 == 0
+    assert "WHISPER_API_KEYS_FILE=/run/credentials/whisper-service.service/api-keys" in props["Environment"]
     pid = props["MainPID"]
     user = host.run(f"ps -o user= -p {pid}").stdout.strip()
     assert user and user != "root", f"the service runs as {user!r}"
@@ -148,6 +158,20 @@ def test_http_redirects_to_https(address):
     assert r.status_code in (301, 308) and r.headers["Location"].startswith("https://")
 
 
+def test_oversized_upload_is_refused_before_it_is_read(address, ca_bundle):
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca_bundle)
+    with socket.create_connection((address, 443), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=address) as tls:
+        # 600 MB announced, nothing sent: Caddy answers from the headers alone.
+        tls.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {address}\r\n"
+                    "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 600000000\r\n\r\n".encode())
+        reply = tls.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert '"file_too_large"' in reply and "application/json" in reply
+
+
 def test_metrics_are_not_published(address, ca_bundle):
     assert requests.get(f"https://{address}/metrics", verify=ca_bundle, timeout=10).status_code == 404
 
@@ -175,12 +199,55 @@ def test_access_log_never_holds_the_key(host, address, api_key, ca_bundle):
     assert api_key not in logs
 
 
+# -- the play refuses what would lock the operator out ----------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    ("firewall_ssh_port=2222", "would cut the SSH session"),
+    ('{"firewall_admin_allowed": ["192.0.2.0/24"]}', "would cut the SSH session"),
+    ('{"firewall_extra_rules": [{"port": "7000:9000", "proto": "tcp", "from": "any"}]}', "would open 8000"),
+])
+def test_play_refuses_settings_that_lock_out_or_expose(host, extra, message):
+    before = host.run("ufw status numbered").stdout
+    done = subprocess.run(
+        ["ansible-playbook", "-i", str(SCENARIO / "inventory"), str(PROJECT / "playbooks" / "site.yml"),
+         "--tags", "firewall", "-e", extra], capture_output=True, text=True, cwd=PROJECT, timeout=300,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-2000:]
+    assert message in output, output[-2000:]
+    assert host.run("ufw status numbered").stdout == before, "a refused run changed the firewall"
+
+
 # -- restarts ---------------------------------------------------------------------------------------------
 
 def test_back_after_a_service_restart(host, address, api_key, ca_bundle):
     host.run("systemctl restart whisper-service")
     wait_https(address, ca_bundle)
     assert transcribe(address, api_key, ca_bundle).status_code == 200
+
+
+def test_caddy_rides_over_a_restart_and_says_when_the_service_is_down(host, address, ca_bundle):
+    host.run("systemctl stop whisper-service")
+    try:
+        started = time.monotonic()
+        down = requests.get(f"https://{address}/health", verify=ca_bundle, timeout=60)
+        assert down.status_code == 502 and down.json()["error"]["code"], down.text
+        assert down.headers.get("Retry-After")
+        assert time.monotonic() - started >= 10, "Caddy gave up before its retry window"
+        # A request that arrives while the service restarts waits for it instead of failing.
+        import threading
+
+        answer = {}
+        thread = threading.Thread(target=lambda: answer.update(
+            r=requests.get(f"https://{address}/health", verify=ca_bundle, timeout=60)))
+        thread.start()
+        time.sleep(2)
+        host.run("systemctl start whisper-service")
+        thread.join(60)
+        assert answer["r"].status_code == 200
+    finally:
+        host.run("systemctl start whisper-service")
+        wait_https(address, ca_bundle)
 
 
 def test_back_after_a_host_reboot(host, address, api_key, ca_bundle):
