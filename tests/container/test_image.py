@@ -23,7 +23,7 @@ os.environ.setdefault("CONTAINERS_CONF", str(Path(__file__).with_name("container
 
 
 def podman(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(["podman", *args], check=False, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
