@@ -163,7 +163,22 @@ def test_packer_fills_chunks_and_puts_tails_first():
     packer = _Packer(iter([region(0, 20), region(20, 8), region(30, 10), region(40, 25), region(70, 4)]))
     first = packer.next_batch(2)
     assert [[r.start // SAMPLE_RATE for r in c.regions] for c in first] == [[0, 20], [30]]
-    packer.give_back([region(35, 2)])
+    packer.give_back([[], [region(35, 2)]])  # the last chunk's tail: what follows it comes next
     second = packer.next_batch(2)
     assert [[r.start // SAMPLE_RATE for r in c.regions] for c in second] == [[35, 40], [70]]
     assert packer.next_batch(2) == []
+
+
+def test_packer_never_joins_a_tail_to_audio_that_does_not_follow_it():
+    def region(start_s, length_s):
+        return Region(int(start_s * SAMPLE_RATE), np.zeros(int(length_s * SAMPLE_RATE), np.float32))
+
+    packer = _Packer(iter([region(0, 20), region(25, 25), region(60, 20), region(90, 8)]))
+    first = packer.next_batch(2)
+    assert [[r.start // SAMPLE_RATE for r in c.regions] for c in first] == [[0], [25]]
+    # The first chunk's tail (18-20 s) precedes audio already decoded: it is decoded on its own, first;
+    # the second's (45-50 s) goes in front of what follows it in the recording.
+    packer.give_back([[region(18, 2)], [region(45, 5)]])
+    second = packer.next_batch(2)
+    assert [[r.start // SAMPLE_RATE for r in c.regions] for c in second] == [[18], [45, 60]]
+    assert [[r.start // SAMPLE_RATE for r in c.regions] for c in packer.next_batch(2)] == [[90]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -18,6 +19,22 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas before any thread starts.
+
+    glibc gives each thread that meets contention an arena of its own (up to 8 per core) and keeps their
+    freed pages: requests served by different waitress threads then leave the model's scratch memory in
+    several arenas, and the peak resident memory grew by about 120 MB (measured in bench/). Two arenas
+    keep it at one request's worth. MALLOC_ARENA_MAX in the environment, when set, wins.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _settings() -> Settings:
     try:
         return Settings.from_env()
@@ -27,6 +44,7 @@ def _settings() -> Settings:
 
 
 def cmd_serve(_args) -> int:
+    _limit_malloc_arenas()
     settings = _settings()
     _configure_logging(settings.log_level)
     from .app import create_app

@@ -131,11 +131,19 @@ def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float 
 
 
 class _Packer:
-    """Packs regions into chunks of at most 30 s, and batches of chunks; takes back undecoded tails."""
+    """Packs regions into chunks of at most 30 s, and batches of chunks; takes back undecoded tails.
+
+    A chunk's audio must be in the recording's order, or the model reads a jump back in time as speech
+    running on and its segments land in the wrong place. So a tail goes in front of the next regions only
+    when it is the end of the last chunk decoded (what follows it in the recording comes next); the tail of
+    an earlier chunk of a batch, whose following audio was decoded beside it, becomes a chunk of its own.
+    """
 
     def __init__(self, regions: Iterator[Region], chunk_s: float = CHUNK_S):
         self._source = regions
         self._front: list[Region] = []  # handed back, to go first
+        self._alone: list[Chunk] = []  # tails to decode on their own, first of all
+        self._last_is_alone = False  # the last batch ended with such a tail, not with the newest audio
         self._max = int(chunk_s * SAMPLE_RATE)
 
     def _next_region(self) -> Region | None:
@@ -143,11 +151,18 @@ class _Packer:
             return self._front.pop(0)
         return next(self._source, None)
 
-    def give_back(self, regions: list[Region]) -> None:
-        self._front[:0] = regions
+    def give_back(self, tails: list[list[Region]]) -> None:
+        """The undecoded tails of a batch's chunks, in the batch's order (empty lists for none)."""
+        *earlier, last = tails or [[]]
+        if self._last_is_alone:
+            earlier, last = [*earlier, last], []
+        self._alone.extend(Chunk(t) for t in earlier if t)
+        self._front[:0] = last
 
     def next_batch(self, size: int) -> list[Chunk]:
-        batch: list[Chunk] = []
+        alone = self._alone[:size]
+        del self._alone[:size]
+        batch = list(alone)
         current: list[Region] = []
         total = 0
         while len(batch) < size:
@@ -165,6 +180,7 @@ class _Packer:
             total += length
         if current:
             batch.append(Chunk(current))
+        self._last_is_alone = bool(alone) and len(batch) == len(alone)
         return batch
 
 
@@ -294,10 +310,10 @@ class _Run:
         _release_free_memory()  # the encoder's scratch memory, before the decoder needs its own
         return stacked
 
-    def decode_batch(self, batch: list[Chunk]) -> list[Region]:
-        """Decode a batch of chunks; return the audio the model left for a next window, as sequential
-        Whisper does when its last segment is unfinished (it is decoded again at the front of the next
-        batch, so nothing said at the end of a chunk is lost)."""
+    def decode_batch(self, batch: list[Chunk]) -> list[list[Region]]:
+        """Decode a batch of chunks; return, for each chunk, the audio the model left for a next window, as
+        sequential Whisper does when its last segment is unfinished (it is decoded again in a next batch, so
+        nothing said at the end of a chunk is lost)."""
         from faster_whisper.transcribe import get_compression_ratio
 
         model = self.model
@@ -318,7 +334,8 @@ class _Run:
             sampling_temperature=self.options.temperature if sampling else 1.0,
             sampling_topk=0 if sampling else 1,
         )
-        outputs, leftovers = [], []
+        outputs: list[list[dict]] = []
+        leftovers: list[list[Region]] = [[] for _ in batch]
         for index, (chunk, result) in enumerate(zip(batch, results, strict=True)):
             tokens = result.sequences_ids[0]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
@@ -337,7 +354,7 @@ class _Run:
                 segment_duration=seconds, seek=0)
             consumed = min(seek, frames) / model.frames_per_second
             if seconds - consumed >= MIN_LEFTOVER_S and all(r.retries < MAX_RETRIES for r in chunk.regions):
-                leftovers.extend(chunk.tail(consumed))
+                leftovers[index] = chunk.tail(consumed)
             outputs.append([
                 dict(part, text=tok.decode(part["tokens"]), avg_logprob=avg_logprob, compression_ratio=compression,
                      no_speech_prob=no_speech, temperature=temperature)
