@@ -66,10 +66,12 @@ class Variant:
 VARIANTS = {v.name: v for v in (
     Variant("original", "openai-whisper base, PyTorch fp32, transcribe() defaults (bench/original_server.py)",
             original=True),
-    Variant("ours", "pilotys_whisper defaults: int8, VAD on, batch 4, greedy"),
+    Variant("ours", "pilotys_whisper defaults: int8, VAD on, batch 3, beam 2"),
+    Variant("ours-greedy", "ours with WHISPER_BEAM_SIZE=1 (greedy decoding)", {"WHISPER_BEAM_SIZE": "1"}),
+    Variant("ours-beam3", "ours with WHISPER_BEAM_SIZE=3", {"WHISPER_BEAM_SIZE": "3"}),
+    Variant("ours-batch4", "ours with WHISPER_BATCH_SIZE=4", {"WHISPER_BATCH_SIZE": "4"}),
+    Variant("ours-batch2", "ours with WHISPER_BATCH_SIZE=2", {"WHISPER_BATCH_SIZE": "2"}),
     Variant("ours-novad", "ours with WHISPER_VAD=false", {"WHISPER_VAD": "false"}),
-    Variant("ours-batch1", "ours with WHISPER_BATCH_SIZE=1", {"WHISPER_BATCH_SIZE": "1"}),
-    Variant("ours-batch8", "ours with WHISPER_BATCH_SIZE=8", {"WHISPER_BATCH_SIZE": "8"}),
 )}
 
 
