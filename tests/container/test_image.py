@@ -168,3 +168,75 @@ def test_stops_cleanly_on_sigterm(images, secret):
         assert elapsed < 25, f"SIGTERM took {elapsed:.1f} s: the service ignored it until the kill"
     finally:
         c.remove()
+
+
+# -- the Ansible path: the whisper_service role runs the image on a provisioned host --------------------------
+
+RIG_INDEX = 12  # 10.66.12.2: not the demo's (1) nor Molecule's (11)
+RIG_HOST = "whisper-ctr"
+
+
+def _ansible_playbook(inventory: Path, *extra: str) -> str:
+    done = subprocess.run(["ansible-playbook", "-i", str(inventory), str(ROOT / "playbooks" / "site.yml"), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500, check=False,
+                          env={**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"})
+    assert done.returncode == 0, f"site.yml failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def container_host(images, tmp_path_factory):
+    """A disposable host provisioned by site.yml with whisper_service_deployment=container.
+
+    The image comes from the controller as a `podman save` archive, as on an air-gapped host. Yields the
+    inventory directory and the output of the second (idempotence) run.
+    """
+    work = tmp_path_factory.mktemp("ansible-container")
+    archive = work / "image.tar"
+    podman("save", "--format", "docker-archive", "--output", str(archive), images + "-volume", timeout=600)
+    inventory = work / "inventory"
+    inventory.mkdir()
+    (inventory / "group_vars").symlink_to(ROOT / "inventories" / "local" / "group_vars")
+    (inventory / "hosts.yml").write_text(
+        f"all:\n  children:\n    whisper:\n      hosts:\n        {RIG_HOST}:\n"
+        f"          ansible_host: 10.66.{RIG_INDEX}.2\n")
+    extra = ["-e", "whisper_service_deployment=container", "-e", f"whisper_service_container_image={images}-volume",
+             "-e", f"whisper_service_container_image_archive={archive}"]
+    subprocess.run([str(ROOT / "rig" / "rig"), "down", RIG_HOST], capture_output=True, check=False)
+    subprocess.run([str(ROOT / "rig" / "rig"), "up", RIG_HOST, str(RIG_INDEX)], capture_output=True, check=True)
+    try:
+        started = time.monotonic()
+        _ansible_playbook(inventory, *extra)
+        print(f"\ncontainer deployment converged in {time.monotonic() - started:.0f} s")
+        second = _ansible_playbook(inventory, *extra)
+        yield inventory, second
+    finally:
+        subprocess.run([str(ROOT / "rig" / "rig"), "down", RIG_HOST], capture_output=True, check=False)
+
+
+def _on_host(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", "-i", str(RIG_DIR / "id_ed25519"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         "-o", "LogLevel=ERROR", f"root@10.66.{RIG_INDEX}.2", command],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_ansible_runs_the_image_behind_caddy(container_host):
+    inventory, second = container_host
+    recap = [line for line in second.splitlines() if line.startswith(RIG_HOST) and "ok=" in line]
+    assert recap and " changed=0 " in recap[-1], "the second run changed something:\n" + second[-4000:]
+    url = f"https://10.66.{RIG_INDEX}.2"
+    ca = inventory / "credentials" / "caddy-root-ca.crt"
+    key = (inventory / "credentials" / "whisper-api-key").read_text().strip()
+    with open(ASSETS / "audio" / "fr_meeting.webm", "rb") as f:
+        r = requests.post(url + "/v1/audio/transcriptions", files={"file": f}, data={"language": "fr"},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=300, verify=str(ca))
+    assert r.status_code == 200, r.text
+    assert "réunion" in r.json()["text"].lower()
+    assert requests.get(url + "/v1/models", timeout=10, verify=str(ca)).status_code == 401
+    # The unit runs the image, its process is not root, and the service port is not reachable from outside.
+    assert _on_host("systemctl is-active whisper-service").stdout.strip() == "active"
+    assert _on_host("podman exec whisper-service id -u").stdout.strip() == "10001"
+    assert _on_host("podman inspect whisper-service --format '{{.ImageName}}'").stdout.strip() == IMAGE + "-volume"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://10.66.{RIG_INDEX}.2:8000/health", timeout=3)
