@@ -44,7 +44,7 @@ rig: deps
 lint: venv
 	yamllint --strict .
 	ansible-lint
-	ruff check service scripts/fetch-assets tests bench
+	ruff check service scripts/fetch-assets tests bench molecule
 	shellcheck scripts/install-host-deps scripts/demo rig/rig tests/rig/*.sh bench/run
 
 test-service: venv assets

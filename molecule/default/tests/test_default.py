@@ -199,6 +199,37 @@ def test_access_log_never_holds_the_key(host, address, api_key, ca_bundle):
     assert api_key not in logs
 
 
+def test_a_job_survives_the_service_being_killed(host, address, api_key, ca_bundle):
+    """A long meeting sent as a job: the service is killed mid-job (SIGKILL), systemd restarts it, and the
+    job starts again by itself and finishes; the state lives in the unit's StateDirectory."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+    news = ASSETS / "audio" / "news_en_169s.wav"
+    with open(news, "rb") as f:
+        r = requests.post(f"https://{address}/v1/jobs", headers=headers, files={"file": (news.name, f)},
+                          data={"language": "en"}, verify=ca_bundle, timeout=120)
+    assert r.status_code == 202, r.text
+    url = f"https://{address}/v1/jobs/{r.json()['id']}"
+    deadline = time.monotonic() + 120
+    while requests.get(url, headers=headers, verify=ca_bundle, timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    assert host.run("systemctl kill --signal=SIGKILL whisper-service").rc == 0
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            job = requests.get(url, headers=headers, verify=ca_bundle, timeout=10).json()
+        except requests.RequestException:
+            job = {"status": "unreachable"}
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert job["status"] == "succeeded", (job, journal(host))
+    assert job["attempts"] >= 2, job  # it really was interrupted, and ran again
+    text = requests.get(url + "/result?format=text", headers=headers, verify=ca_bundle, timeout=10).text
+    assert "trump" in text.lower() and "palin" in text.lower(), text
+    assert host.file("/var/lib/whisper-service").is_directory
+
+
 # -- the play refuses what would lock the operator out ----------------------------------------------------
 
 @pytest.mark.parametrize("extra, message", [
@@ -210,7 +241,7 @@ def test_play_refuses_settings_that_lock_out_or_expose(host, extra, message):
     before = host.run("ufw status numbered").stdout
     done = subprocess.run(
         ["ansible-playbook", "-i", str(SCENARIO / "inventory"), str(PROJECT / "playbooks" / "site.yml"),
-         "--tags", "firewall", "-e", extra], capture_output=True, text=True, cwd=PROJECT, timeout=300,
+         "--tags", "firewall", "-e", extra], capture_output=True, text=True, cwd=PROJECT, timeout=300, check=False,
         env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-2000:]
