@@ -115,11 +115,11 @@ def container(images, secret):
     c.remove()
 
 
-def french(url: str, key: str | None):
+def french(url: str, key: str | None, verify: bool | str = True):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with open(ASSETS / "audio" / "fr_meeting.webm", "rb") as f:
         return requests.post(url + "/v1/audio/transcriptions", files={"file": f}, headers=headers,
-                             data={"language": "fr"}, timeout=300)
+                             data={"language": "fr"}, timeout=300, verify=verify)
 
 
 def test_health_and_config(container):
@@ -215,10 +215,8 @@ def container_host(images, tmp_path_factory):
 
 
 def _on_host(command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["ssh", "-i", str(RIG_DIR / "id_ed25519"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-         "-o", "LogLevel=ERROR", f"root@10.66.{RIG_INDEX}.2", command],
-        capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([str(ROOT / "rig" / "rig"), "ssh", RIG_HOST, command],
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_ansible_runs_the_image_behind_caddy(container_host):
@@ -228,9 +226,7 @@ def test_ansible_runs_the_image_behind_caddy(container_host):
     url = f"https://10.66.{RIG_INDEX}.2"
     ca = inventory / "credentials" / "caddy-root-ca.crt"
     key = (inventory / "credentials" / "whisper-api-key").read_text().strip()
-    with open(ASSETS / "audio" / "fr_meeting.webm", "rb") as f:
-        r = requests.post(url + "/v1/audio/transcriptions", files={"file": f}, data={"language": "fr"},
-                          headers={"Authorization": f"Bearer {key}"}, timeout=300, verify=str(ca))
+    r = french(url, key, verify=str(ca))
     assert r.status_code == 200, r.text
     assert "réunion" in r.json()["text"].lower()
     assert requests.get(url + "/v1/models", timeout=10, verify=str(ca)).status_code == 401
