@@ -1,6 +1,6 @@
 """The HTTP layer with a fake engine: every bad-input case, auth, CORS, the queue, temp files, logs.
 
-Uploads are still probed by the real ffprobe: only the model is replaced.
+Uploads are still probed by the real decoder (PyAV): only the model is replaced.
 """
 
 import io
