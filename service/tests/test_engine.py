@@ -1,11 +1,16 @@
 """The real `base` model on real and synthesised speech: what users actually get."""
 
+import itertools
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from pilotys_whisper.audio import SAMPLE_RATE, PcmStream
 from pilotys_whisper.engines import Cancelled, TranscribeOptions
-from pilotys_whisper.engines.faster import Chunk, FasterWhisperEngine, Region, _Packer, speech_regions
+from pilotys_whisper.engines.faster import (AUTO_BATCH_BEAM, Chunk, FasterWhisperEngine, Region, _Packer, _Prefetch,
+                                            speech_regions)
 from pilotys_whisper.errors import ApiError
 from pilotys_whisper.settings import Settings
 
@@ -182,3 +187,46 @@ def test_packer_never_joins_a_tail_to_audio_that_does_not_follow_it():
     second = packer.next_batch(2)
     assert [[r.start // SAMPLE_RATE for r in c.regions] for c in second] == [[18], [45, 60]]
     assert [[r.start // SAMPLE_RATE for r in c.regions] for c in packer.next_batch(2)] == [[90]]
+
+
+def test_batch_and_beam_follow_the_device_unless_set(engine, model_dir):
+    assert engine.device == "cpu"
+    assert (engine.batch_size, engine.beam_size) == AUTO_BATCH_BEAM["cpu"] == (3, 2)
+    chosen = FasterWhisperEngine(Settings.from_env({"WHISPER_MODEL": str(model_dir), "WHISPER_BATCH_SIZE": "5",
+                                                    "WHISPER_BEAM_SIZE": "1"}))
+    chosen.load()
+    assert (chosen.batch_size, chosen.beam_size) == (5, 1)
+
+
+def test_prefetch_hands_the_producer_error_to_the_consumer():
+    def source():
+        yield 1
+        raise ApiError(413, "audio_too_long", "too long")
+
+    with _Prefetch(source(), 2) as items:
+        assert next(items) == 1
+        with pytest.raises(ApiError) as caught:
+            next(items)
+    assert caught.value.status == 413
+
+
+def test_prefetch_stays_bounded_and_stops_when_the_consumer_leaves():
+    produced = []
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in itertools.count():
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    prefetch = _Prefetch(source(), 2)
+    with prefetch as items:
+        assert next(items) == 0
+        time.sleep(0.3)
+        # One handed out, two queued, one waiting to be queued: never the endless rest.
+        assert len(produced) <= 4
+    assert not prefetch._thread.is_alive()
+    assert closed.is_set()

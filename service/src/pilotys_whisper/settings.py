@@ -56,8 +56,8 @@ class Settings:
     queue_size: int = 4
     http_threads: int = 0  # 0: concurrency + queue + 4
     cpu_threads: int = 0  # 0: all cores divided among concurrent transcriptions
-    beam_size: int = 2
-    batch_size: int = 3
+    beam_size: int = 0  # 0: by device, see engines/faster.py
+    batch_size: int = 0
     vad: bool = True
     tmp_dir: Path | None = None
     log_level: str = "INFO"
@@ -137,8 +137,8 @@ class Settings:
             queue_size=r.integer("WHISPER_QUEUE_SIZE", 4, 0, 1000),
             http_threads=r.integer("WHISPER_HTTP_THREADS", 0, 0, 1000),
             cpu_threads=r.integer("WHISPER_CPU_THREADS", 0, 0, 256),
-            beam_size=r.integer("WHISPER_BEAM_SIZE", 2, 1, 10),
-            batch_size=r.integer("WHISPER_BATCH_SIZE", 3, 1, 64),
+            beam_size=r.integer("WHISPER_BEAM_SIZE", 0, 0, 10),
+            batch_size=r.integer("WHISPER_BATCH_SIZE", 0, 0, 64),
             vad=r.boolean("WHISPER_VAD", True),
             tmp_dir=r.path("WHISPER_TMP_DIR"),
             log_level=r.choice("WHISPER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
