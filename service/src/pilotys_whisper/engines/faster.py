@@ -10,7 +10,6 @@ looks wrong (repetitive or improbable) is decoded again with beam search and tem
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio import SAMPLE_RATE, PcmStream
-from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word
+from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +190,6 @@ class _Packer:
         return batch
 
 
-def _release_free_memory() -> None:
-    """Give freed heap pages back to the system between requests (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _Prefetch:
     """Runs an iterator in a thread, a bounded number of items ahead of the consumer.
 
@@ -299,7 +290,7 @@ class FasterWhisperEngine:
         self.beam_size = self.settings.beam_size or beam
         log.info("model %s loaded on %s (%s, %d CPU threads, batch %d, beam %d)", self.settings.model_label, device,
                  compute_type, cpu_threads, self.batch_size, self.beam_size)
-        _release_free_memory()
+        release_free_memory()
 
     # -- one request ---------------------------------------------------------------------------------------
 
@@ -325,7 +316,7 @@ class FasterWhisperEngine:
                         progress(done, total)
             duration = stream.seconds_read
         finally:
-            _release_free_memory()
+            release_free_memory()
         if progress is not None:
             progress(duration, duration)
         return run.result(duration)
@@ -366,7 +357,7 @@ class _Run:
         from faster_whisper.transcribe import pad_or_trim
 
         model = self.model
-        _release_free_memory()  # what the previous batch's decoder held, before the encoder needs its own
+        release_free_memory()  # what the previous batch's decoder held, before the encoder needs its own
         features = [pad_or_trim(model.feature_extractor(c.audio)[..., :-1]) for c in batch]
         if model.model.device == "cuda":
             return model.encode(np.stack(features))
@@ -375,7 +366,7 @@ class _Run:
         outputs = [np.asarray(model.encode(f[None])) for f in features]
         stacked = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(outputs)))
         del outputs, features
-        _release_free_memory()  # the encoder's scratch memory, before the decoder needs its own
+        release_free_memory()  # the encoder's scratch memory, before the decoder needs its own
         return stacked
 
     def decode_batch(self, batch: list[Chunk]) -> list[list[Region]]:

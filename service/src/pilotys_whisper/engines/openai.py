@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from ..audio import SAMPLE_RATE, decode_all
-from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word
+from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,14 @@ class OpenAIWhisperEngine:
             raise Cancelled()
         duration = audio.shape[0] / SAMPLE_RATE
         temperatures = (options.temperature,) if options.temperature > 0 else (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-        result = self._model.transcribe(
-            audio, language=options.language, task=options.task, initial_prompt=options.prompt,
-            temperature=temperatures, word_timestamps=options.word_timestamps,
-            fp16=self.device == "cuda", verbose=None)
+        try:
+            result = self._model.transcribe(
+                audio, language=options.language, task=options.task, initial_prompt=options.prompt,
+                temperature=temperatures, word_timestamps=options.word_timestamps,
+                fp16=self.device == "cuda", verbose=None)
+        finally:
+            del audio
+            release_free_memory()  # the whole recording's spectrogram and the decoder's caches
         segments = []
         for index, seg in enumerate(result["segments"]):
             words = None
