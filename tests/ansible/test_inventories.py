@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_INVENTORY = str(Path(sys.executable).parent / "ansible-inventory")
 PROJECT_VARS = ROOT / "group_vars" / "all" / "main.yml"
 INVENTORIES = [ROOT / "inventories" / "local", ROOT / "inventories" / "production",
-               ROOT / "molecule" / "default" / "inventory", ROOT / "molecule" / "cluster" / "inventory"]
+               ROOT / "molecule" / "default" / "inventory", ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"]
 
 
 def host_vars(inventory: Path, host: str) -> dict:
@@ -48,7 +48,7 @@ def test_local_inventory_overrides_the_project_defaults():
 
 def test_cluster_inventory_wires_the_gateway_to_the_workers():
     """The gateway's upstreams are the workers' HTTPS ports, and each worker opens HTTPS to the gateway alone."""
-    inventory = ROOT / "molecule" / "cluster" / "inventory"
+    inventory = ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"
     wanted = "[caddy_upstreams | default([]), firewall_clients_allowed, caddy_internal_ca_fetch_dest]"
     done = subprocess.run([str(Path(sys.executable).parent / "ansible"), "-i", str(inventory), "all", "-o",
                            "-m", "ansible.builtin.debug", "-a", f"msg={{{{ {wanted} | to_json }}}}",

@@ -37,7 +37,7 @@ def address(host) -> str:
 
 @pytest.fixture(scope="module")
 def workers() -> dict:
-    return {name: testinfra.get_host(f"ansible://{name}", ansible_inventory=str(INVENTORY)) for name in WORKERS}
+    return {name: testinfra.get_host(f"ansible://{name}", ansible_inventory=str(INVENTORY / "hosts.yml")) for name in WORKERS}
 
 
 @pytest.fixture(scope="module")
