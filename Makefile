@@ -15,13 +15,14 @@ export PATH := $(BIN):$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
-	molecule unit test demo demo-down bench
+	molecule test-cluster unit test demo demo-down bench
 
 help:
 	@echo "make demo       provision a local disposable host and transcribe a sample over HTTPS"
 	@echo "make demo-down  remove the demo host"
 	@echo "make test       every test: lint, service, Ansible, client, rig, container, Molecule"
 	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
+	@echo "make test-cluster  a gateway and two workers on disposable hosts (not part of make test)"
 
 deps:
 	@scripts/install-host-deps
@@ -64,6 +65,10 @@ test-container: venv assets rig
 
 molecule: venv assets rig
 	molecule test --scenario-name default
+
+# Three disposable hosts at once: kept out of `make test` (CI time); run it when the cluster changes.
+test-cluster: venv assets rig
+	molecule test --scenario-name cluster
 
 unit: test-service test-ansible test-pilotys test-rig test-container
 

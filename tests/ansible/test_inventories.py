@@ -1,6 +1,7 @@
 """The top-level group_vars/ really reaches every inventory, and each inventory can override it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_INVENTORY = str(Path(sys.executable).parent / "ansible-inventory")
 PROJECT_VARS = ROOT / "group_vars" / "all" / "main.yml"
 INVENTORIES = [ROOT / "inventories" / "local", ROOT / "inventories" / "production",
-               ROOT / "molecule" / "default" / "inventory"]
+               ROOT / "molecule" / "default" / "inventory", ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"]
 
 
 def host_vars(inventory: Path, host: str) -> dict:
@@ -43,3 +44,22 @@ def test_project_group_vars_reach_every_host(inventory):
 def test_local_inventory_overrides_the_project_defaults():
     assert yaml.safe_load(PROJECT_VARS.read_text())["caddy_tls_mode"] == "acme"
     assert host_vars(ROOT / "inventories" / "local", "demo")["caddy_tls_mode"] == "internal"
+
+
+def test_cluster_inventory_wires_the_gateway_to_the_workers():
+    """The gateway's upstreams are the workers' HTTPS ports, and each worker opens HTTPS to the gateway alone."""
+    inventory = ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"
+    wanted = "[caddy_upstreams | default([]), firewall_clients_allowed, caddy_internal_ca_fetch_dest]"
+    done = subprocess.run([str(Path(sys.executable).parent / "ansible"), "-i", str(inventory), "all", "-o",
+                           "-m", "ansible.builtin.debug", "-a", f"msg={{{{ {wanted} | to_json }}}}",
+                           "--playbook-dir", str(ROOT / "playbooks")],
+                          capture_output=True, text=True, check=True, cwd="/", env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
+    seen = {}
+    for line in done.stdout.splitlines():
+        name, _, rest = line.partition(" | SUCCESS => ")
+        seen[name] = json.loads(json.loads(rest)["msg"])
+    assert seen["wc-gw"][0] == ["10.66.22.2:443", "10.66.23.2:443"]
+    for worker in ("wc-w1", "wc-w2"):
+        upstreams, clients, ca_dest = seen[worker]
+        assert upstreams == [] and clients == ["10.66.21.2"]
+        assert ca_dest.endswith(f"/credentials/{worker}-caddy-root-ca.crt")

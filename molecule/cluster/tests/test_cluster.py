@@ -1,0 +1,192 @@
+"""The cluster as PILOTYS and an operator see it: transcriptions through the gateway, spread over the workers,
+a worker that stops gets no traffic, and the workers answer HTTPS to the gateway only."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import testinfra
+
+SCENARIO = Path(__file__).resolve().parent.parent
+INVENTORY = SCENARIO / "inventory"
+CREDENTIALS = INVENTORY / "credentials"
+ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
+FRENCH = ASSETS / "audio" / "fr_meeting.webm"
+WORKERS = ["wc-w1", "wc-w2"]
+ACCESS_LOG = "/var/log/caddy/access.log"
+UPSTREAM_CAS = "/etc/caddy/upstream-cas"
+# The gateway's active health checks (caddy role defaults): interval 5 s, timeout 3 s, plus a margin.
+HEALTH_CHECK_WINDOW_S = 12
+
+
+@pytest.fixture(scope="module")
+def gateway(host):
+    return host
+
+
+@pytest.fixture(scope="module")
+def address(host) -> str:
+    return host.ansible.get_variables()["ansible_host"]
+
+
+@pytest.fixture(scope="module")
+def workers() -> dict:
+    return {name: testinfra.get_host(f"ansible://{name}", ansible_inventory=str(INVENTORY / "hosts.yml")) for name in WORKERS}
+
+
+@pytest.fixture(scope="module")
+def worker_addresses(workers) -> dict:
+    return {name: w.ansible.get_variables()["ansible_host"] for name, w in workers.items()}
+
+
+@pytest.fixture(scope="module")
+def api_key() -> str:
+    return (CREDENTIALS / "whisper-api-key").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def ca_bundle() -> str:
+    path = CREDENTIALS / "caddy-root-ca.crt"
+    assert path.is_file(), "the caddy role fetches the gateway's internal CA for clients"
+    return str(path)
+
+
+def journals(gateway, workers) -> str:
+    out = ["== gateway", gateway.run("journalctl -u caddy --no-pager -n 40").stdout]
+    for name, w in workers.items():
+        out += [f"== {name}", w.run("journalctl -u whisper-service -u caddy --no-pager -n 40").stdout]
+    return "\n".join(out)
+
+
+def port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def requests_seen(workers, marker: str) -> dict:
+    """How many requests carrying MARKER each worker's Caddy logged."""
+    return {name: int(w.run(f"grep -c -- {marker} {ACCESS_LOG} || true").stdout.strip() or 0)
+            for name, w in workers.items()}
+
+
+def probe(address: str, ca: str, count: int) -> tuple[str, list[int]]:
+    """COUNT GET /health through the gateway, each marked in its query string; returns the marker and statuses."""
+    marker = f"probe-{uuid.uuid4().hex}"
+    statuses = [requests.get(f"https://{address}/health?{marker}={i}", verify=ca, timeout=60).status_code
+                for i in range(count)]
+    return marker, statuses
+
+
+def wait_seen(workers, marker: str, total: int) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        seen = requests_seen(workers, marker)
+        if sum(seen.values()) >= total or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
+
+
+def transcribe(address: str, key: str | None, ca: str) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with open(FRENCH, "rb") as f:
+        return requests.post(f"https://{address}/transcribe", headers=headers, files={"file": (FRENCH.name, f)},
+                             data={"language": "fr"}, verify=ca, timeout=300)
+
+
+def worker_ready_from_gateway(gateway, name: str, worker_address: str) -> int:
+    out = gateway.run(f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 10 "
+                      f"--cacert {UPSTREAM_CAS}/{name}-caddy-root-ca.crt https://{worker_address}/ready")
+    return int(out.stdout.strip() or 0)
+
+
+# -- TLS between the gateway and the workers --------------------------------------------------------------
+
+def test_gateway_trusts_each_worker_by_its_own_root_certificate(gateway, worker_addresses):
+    config = gateway.file("/etc/caddy/Caddyfile").content_string
+    assert "tls_trusted_ca_certs" in config and "insecure" not in config
+    for name, worker_address in worker_addresses.items():
+        assert worker_ready_from_gateway(gateway, name, worker_address) == 200
+    # The other worker's CA does not vouch for this one: each worker's certificate really is checked.
+    w1, w2 = WORKERS
+    wrong = gateway.run(f"curl -sS -o /dev/null --max-time 10 --cacert {UPSTREAM_CAS}/{w2}-caddy-root-ca.crt "
+                        f"https://{worker_addresses[w1]}/ready")
+    assert wrong.rc == 60, (wrong.rc, wrong.stderr)  # curl: peer certificate cannot be authenticated
+
+
+def test_workers_answer_https_to_the_gateway_only(gateway, worker_addresses):
+    for worker_address in worker_addresses.values():
+        # This machine is neither the gateway nor a worker: refused, though the admins' SSH still answers.
+        assert port_open(worker_address, 22)
+        assert not port_open(worker_address, 443)
+        assert not port_open(worker_address, 80)
+        reached = gateway.run(f"timeout 5 bash -c 'exec 3<>/dev/tcp/{worker_address}/443'")
+        assert reached.rc == 0, reached.stderr
+
+
+# -- what PILOTYS does ------------------------------------------------------------------------------------
+
+def test_transcription_through_the_gateway(gateway, workers, address, api_key, ca_bundle):
+    r = transcribe(address, api_key, ca_bundle)
+    assert r.status_code == 200, (r.text, journals(gateway, workers))
+    text = r.json()["text"].lower()
+    assert "bonjour" in text and "réunion" in text, text
+
+
+def test_key_is_required_through_the_gateway(address, ca_bundle):
+    r = transcribe(address, None, ca_bundle)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+def test_jobs_are_refused_until_there_is_a_shared_queue(address, api_key, ca_bundle):
+    headers = {"Authorization": f"Bearer {api_key}"}
+    for method, path in [("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/abc")]:
+        r = requests.request(method, f"https://{address}{path}", headers=headers, verify=ca_bundle, timeout=10)
+        assert r.status_code == 501 and r.json()["error"]["code"] == "not_available_on_gateway", r.text
+
+
+def test_metrics_are_not_published_by_the_gateway(address, ca_bundle):
+    assert requests.get(f"https://{address}/metrics", verify=ca_bundle, timeout=10).status_code == 404
+
+
+# -- load balancing and health checks ---------------------------------------------------------------------
+
+def test_requests_are_spread_over_the_workers(workers, address, ca_bundle):
+    marker, statuses = probe(address, ca_bundle, 20)
+    assert statuses == [200] * 20, statuses
+    seen = wait_seen(workers, marker, 20)
+    assert sum(seen.values()) == 20, seen
+    assert all(count > 0 for count in seen.values()), f"one worker got everything: {seen}"
+
+
+def test_a_stopped_worker_gets_no_traffic_and_comes_back(gateway, workers, worker_addresses, address, api_key,
+                                                        ca_bundle):
+    up, down = WORKERS
+    workers[down].run("systemctl stop whisper-service")
+    try:
+        time.sleep(HEALTH_CHECK_WINDOW_S)  # the gateway's next health check of that worker fails
+        marker, statuses = probe(address, ca_bundle, 10)
+        assert statuses == [200] * 10, (statuses, journals(gateway, workers))
+        r = transcribe(address, api_key, ca_bundle)
+        assert r.status_code == 200 and "bonjour" in r.json()["text"].lower(), r.text
+        seen = wait_seen(workers, marker, 10)
+        assert seen == {up: 10, down: 0}, seen
+    finally:
+        workers[down].run("systemctl start whisper-service")
+    deadline = time.monotonic() + 180
+    while worker_ready_from_gateway(gateway, down, worker_addresses[down]) != 200:
+        assert time.monotonic() < deadline, journals(gateway, workers)
+        time.sleep(1)
+    time.sleep(HEALTH_CHECK_WINDOW_S)  # and the gateway's next check finds it ready again
+    marker, statuses = probe(address, ca_bundle, 20)
+    assert statuses == [200] * 20, statuses
+    seen = wait_seen(workers, marker, 20)
+    assert seen[down] > 0, f"the restarted worker gets no traffic again: {seen}"
