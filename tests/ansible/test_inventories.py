@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_INVENTORY = str(Path(sys.executable).parent / "ansible-inventory")
 PROJECT_VARS = ROOT / "group_vars" / "all" / "main.yml"
 INVENTORIES = [ROOT / "inventories" / "local", ROOT / "inventories" / "production",
-               ROOT / "molecule" / "default" / "inventory", ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"]
+               ROOT / "molecule" / "default" / "inventory" / "hosts.yml",
+               ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"]
 
 
 def host_vars(inventory: Path, host: str) -> dict:
@@ -63,3 +64,16 @@ def test_cluster_inventory_wires_the_gateway_to_the_workers():
         upstreams, clients, ca_dest = seen[worker]
         assert upstreams == [] and clients == ["10.66.21.2"]
         assert ca_dest.endswith(f"/credentials/{worker}-caddy-root-ca.crt")
+
+
+def test_generated_credentials_are_never_read_as_inventory(tmp_path):
+    """The roles write the API key to credentials/ inside the inventory: with the project's ansible.cfg,
+    an inventory directory that holds it lists the same hosts, and the key never becomes a host name."""
+    inventory = tmp_path / "local"
+    subprocess.run(["cp", "-r", str(ROOT / "inventories" / "local"), str(inventory)], check=True)
+    (inventory / "credentials").mkdir(exist_ok=True)
+    (inventory / "credentials" / "whisper-api-key").write_text("k3y-that-must-not-be-a-host\n")
+    done = subprocess.run([ANSIBLE_INVENTORY, "-i", str(inventory), "--list"], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    assert "k3y-that-must-not-be-a-host" not in done.stdout + done.stderr
+    assert sorted(json.loads(done.stdout)["_meta"]["hostvars"]) == hosts(ROOT / "inventories" / "local")
