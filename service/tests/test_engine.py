@@ -9,8 +9,15 @@ import pytest
 
 from pilotys_whisper.audio import SAMPLE_RATE, PcmStream
 from pilotys_whisper.engines import Cancelled, TranscribeOptions
-from pilotys_whisper.engines.faster import (AUTO_BATCH_BEAM, Chunk, FasterWhisperEngine, Region, _Packer, _Prefetch,
-                                            speech_regions)
+from pilotys_whisper.engines.faster import (
+    AUTO_BATCH_BEAM,
+    Chunk,
+    FasterWhisperEngine,
+    Region,
+    _Packer,
+    _Prefetch,
+    speech_regions,
+)
 from pilotys_whisper.errors import ApiError
 from pilotys_whisper.settings import Settings
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,9 +14,15 @@ import pytest
 import requests
 import testinfra
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # molecule/: what the scenarios' tests share
+import scenario_fixtures
+
+address = scenario_fixtures.address
+api_key = scenario_fixtures.api_key
+ca_bundle = scenario_fixtures.ca_bundle
+
 SCENARIO = Path(__file__).resolve().parent.parent
 INVENTORY = SCENARIO / "inventory"
-CREDENTIALS = INVENTORY / "credentials"
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"
 WORKERS = ["wc-w1", "wc-w2"]
@@ -30,10 +37,6 @@ def gateway(host):
     return host
 
 
-@pytest.fixture(scope="module")
-def address(host) -> str:
-    return host.ansible.get_variables()["ansible_host"]
-
 
 @pytest.fixture(scope="module")
 def workers() -> dict:
@@ -45,16 +48,6 @@ def worker_addresses(workers) -> dict:
     return {name: w.ansible.get_variables()["ansible_host"] for name, w in workers.items()}
 
 
-@pytest.fixture(scope="module")
-def api_key() -> str:
-    return (CREDENTIALS / "whisper-api-key").read_text().strip()
-
-
-@pytest.fixture(scope="module")
-def ca_bundle() -> str:
-    path = CREDENTIALS / "caddy-root-ca.crt"
-    assert path.is_file(), "the caddy role fetches the gateway's internal CA for clients"
-    return str(path)
 
 
 def journals(gateway, workers) -> str:

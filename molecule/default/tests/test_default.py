@@ -6,15 +6,22 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # molecule/: what the scenarios' tests share
+import scenario_fixtures
+
+address = scenario_fixtures.address
+api_key = scenario_fixtures.api_key
+ca_bundle = scenario_fixtures.ca_bundle
+
 SCENARIO = Path(__file__).resolve().parent.parent
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
-CREDENTIALS = SCENARIO / "inventory" / "credentials"
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"  # what Chrome's MediaRecorder uploads
 
@@ -23,21 +30,7 @@ def journal(host) -> str:
     return host.run("journalctl -u whisper-service -u caddy --no-pager -n 80").stdout
 
 
-@pytest.fixture(scope="module")
-def address(host) -> str:
-    return host.ansible.get_variables()["ansible_host"]
 
-
-@pytest.fixture(scope="module")
-def api_key() -> str:
-    return (CREDENTIALS / "whisper-api-key").read_text().strip()
-
-
-@pytest.fixture(scope="module")
-def ca_bundle() -> str:
-    path = CREDENTIALS / "caddy-root-ca.crt"
-    assert path.is_file(), "the caddy role fetches the internal CA for clients"
-    return str(path)
 
 
 def transcribe(address: str, key: str | None, ca: str, path: Path = FRENCH) -> requests.Response:

@@ -1,0 +1,29 @@
+"""Fixtures the Molecule scenarios' testinfra tests share: the tested host's address, and the API key and
+Caddy root certificate the play generated in the scenario's inventory (each scenario's tests/ sits beside it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _credentials(request) -> Path:
+    return Path(request.path).resolve().parent.parent / "inventory" / "credentials"
+
+
+@pytest.fixture(scope="module")
+def address(host) -> str:
+    return host.ansible.get_variables()["ansible_host"]
+
+
+@pytest.fixture(scope="module")
+def api_key(request) -> str:
+    return (_credentials(request) / "whisper-api-key").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def ca_bundle(request) -> str:
+    path = _credentials(request) / "caddy-root-ca.crt"
+    assert path.is_file(), "the caddy role fetches its internal root certificate for clients"
+    return str(path)
