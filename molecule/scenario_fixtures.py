@@ -1,8 +1,9 @@
-"""Fixtures the Molecule scenarios' testinfra tests share: the tested host's address, and the API key and
-Caddy root certificate the play generated in the scenario's inventory (each scenario's tests/ sits beside it)."""
+"""What the Molecule scenarios' testinfra tests share: fixtures for the tested host's address and for the API key
+and Caddy root certificate the play generated in the scenario's inventory (tests/ sits beside it), and helpers."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,11 @@ def ca_bundle(request) -> str:
     path = _credentials(request) / "caddy-root-ca.crt"
     assert path.is_file(), "the caddy role fetches its internal root certificate for clients"
     return str(path)
+
+
+def port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=3):
+            return True
+    except OSError:
+        return False

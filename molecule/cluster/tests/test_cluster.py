@@ -4,7 +4,6 @@ a worker that stops gets no traffic, and the workers answer HTTPS to the gateway
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import uuid
@@ -20,6 +19,7 @@ import scenario_fixtures
 address = scenario_fixtures.address
 api_key = scenario_fixtures.api_key
 ca_bundle = scenario_fixtures.ca_bundle
+port_open = scenario_fixtures.port_open
 
 SCENARIO = Path(__file__).resolve().parent.parent
 INVENTORY = SCENARIO / "inventory"
@@ -55,14 +55,6 @@ def journals(gateway, workers) -> str:
     for name, w in workers.items():
         out += [f"== {name}", w.run("journalctl -u whisper-service -u caddy --no-pager -n 40").stdout]
     return "\n".join(out)
-
-
-def port_open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=3):
-            return True
-    except OSError:
-        return False
 
 
 def requests_seen(workers, marker: str) -> dict:

@@ -19,6 +19,7 @@ import scenario_fixtures
 address = scenario_fixtures.address
 api_key = scenario_fixtures.api_key
 ca_bundle = scenario_fixtures.ca_bundle
+port_open = scenario_fixtures.port_open
 
 SCENARIO = Path(__file__).resolve().parent.parent
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
@@ -51,14 +52,6 @@ def wait_https(address: str, ca: str, timeout: float = 180) -> None:
             pass
         time.sleep(1)
     raise AssertionError(f"https://{address}/ready did not answer 200 within {timeout}s")
-
-
-def port_open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=3):
-            return True
-    except OSError:
-        return False
 
 
 # -- packages and files -----------------------------------------------------------------------------------
