@@ -1,5 +1,6 @@
 """The service as a real process (waitress on a free port) with the real model, driven by real clients."""
 
+import signal
 import subprocess
 import sys
 import threading
@@ -115,3 +116,29 @@ def test_bad_configuration_stops_with_a_clear_message():
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "WHISPER_PORT='eighty' must be a whole number" in done.stderr
+
+
+def test_sigusr1_drains_ready_while_requests_are_still_served(model_dir, tmp_path, audio):
+    """Before a rolling restart: a gateway's health check sees 503 and sends nothing new, but a request that
+    still arrives in the meantime is served, and the service stops cleanly afterwards."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    proc = ServerProcess({"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY}, uploads).start()
+    try:
+        assert requests.get(proc.url + "/health", timeout=5).json()["draining"] is False
+        proc.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while (r := requests.get(proc.url + "/ready", timeout=5)).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        assert r.headers["Retry-After"]
+        health = requests.get(proc.url + "/health", timeout=5)
+        assert health.status_code == 200 and health.json()["draining"] is True
+        with open(audio("fr_meeting.mp3"), "rb") as f:
+            done = requests.post(proc.url + "/transcribe", files={"file": ("recording.mp3", f)},
+                                 headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        assert done.status_code == 200 and "réunion" in done.json()["text"].lower()
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.logs()
+    assert "draining" in proc.logs()

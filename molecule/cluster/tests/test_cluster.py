@@ -4,7 +4,9 @@ a worker that stops gets no traffic, and the workers answer HTTPS to the gateway
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +25,7 @@ port_open = scenario_fixtures.port_open
 
 SCENARIO = Path(__file__).resolve().parent.parent
 INVENTORY = SCENARIO / "inventory"
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"
 WORKERS = ["wc-w1", "wc-w2"]
@@ -175,3 +178,38 @@ def test_a_stopped_worker_gets_no_traffic_and_comes_back(gateway, workers, worke
     assert statuses == [200] * 20, statuses
     seen = wait_seen(workers, marker, 20)
     assert seen[down] > 0, f"the restarted worker gets no traffic again: {seen}"
+
+
+def test_a_rolling_deploy_loses_no_request(gateway, workers, address, api_key, ca_bundle):
+    """playbooks/deploy.yml drains and restarts the workers one after the other while transcriptions keep
+    arriving through the gateway: every one of them succeeds, and every worker was restarted."""
+    def invocation(w) -> str:
+        return w.run("systemctl show --property=InvocationID --value whisper-service").stdout.strip()
+
+    before = {name: invocation(w) for name, w in workers.items()}
+    outcomes: list = []
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                r = transcribe(address, api_key, ca_bundle)
+                outcomes.append(r.status_code if r.status_code != 200 or "bonjour" in r.json()["text"].lower()
+                                else "200 without the words")
+            except requests.RequestException as exc:
+                outcomes.append(repr(exc))
+
+    sender = threading.Thread(target=stream, name="steady-stream")
+    sender.start()
+    try:
+        deploy = subprocess.run(
+            [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY / "hosts.yml"),
+             "playbooks/deploy.yml"], cwd=PROJECT, capture_output=True, text=True, timeout=1200, check=False)
+    finally:
+        stop.set()
+        sender.join(320)
+    assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-2000:]
+    after = {name: invocation(w) for name, w in workers.items()}
+    assert all(before[name] != after[name] for name in workers), f"a worker was not restarted: {before} {after}"
+    failures = [o for o in outcomes if o != 200]
+    assert len(outcomes) >= 5 and not failures, (outcomes, journals(gateway, workers))

@@ -66,6 +66,9 @@ class ServiceState:
     metrics: Metrics
     languages: frozenset[str]
     ready: threading.Event = field(default_factory=threading.Event)
+    # Set by SIGUSR1 before a rolling restart: /ready answers 503 so that a gateway sends nothing new, while
+    # every request that still arrives is served as usual.
+    draining: threading.Event = field(default_factory=threading.Event)
     load_error: str | None = None
     jobs: object | None = None  # JobManager when WHISPER_STATE_DIR is set
 
@@ -239,11 +242,15 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     @app.get("/health")
     def health():
         return jsonify(status="ok", model=settings.model_label, engine=state.engine.name,
-                       device=state.engine.device, ready=state.ready.is_set(), version=__version__)
+                       device=state.engine.device, ready=state.ready.is_set(), draining=state.draining.is_set(),
+                       in_flight=state.admission.running + state.admission.waiting, version=__version__)
 
     @app.get("/ready")
     def ready():
         state.require_ready()
+        if state.draining.is_set():
+            raise ApiError(503, "draining", "this instance is draining before a restart; it still serves what it "
+                           "receives", headers={"Retry-After": "5"})
         return jsonify(status="ready", model=settings.model_label)
 
     @app.get("/metrics")

@@ -68,8 +68,13 @@ def run(app, settings) -> None:
             server.close()
             raise SystemExit(0)
 
+    def _drain(_signum, _frame):
+        app.extensions["whisper"].draining.set()
+        log.info("received SIGUSR1, draining: /ready answers 503 until the restart")
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGUSR1, _drain)
     log.info("listening on http://%s:%d", settings.host, settings.port)
     try:
         server.run()
