@@ -1,5 +1,6 @@
-"""What the Molecule scenarios' testinfra tests share: fixtures for the tested host's address and for the API key
-and Caddy root certificate the play generated in the scenario's inventory (tests/ sits beside it), and helpers."""
+"""What the Molecule scenarios' testinfra tests share, as each scenario's tests/conftest.py (a link here):
+fixtures for the tested host's address and for the API key and Caddy root certificate the play generated in
+the scenario's inventory (tests/ sits beside it), and helpers the tests import from conftest."""
 
 from __future__ import annotations
 

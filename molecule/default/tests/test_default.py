@@ -6,20 +6,12 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # molecule/: what the scenarios' tests share
-import scenario_fixtures
-
-address = scenario_fixtures.address
-api_key = scenario_fixtures.api_key
-ca_bundle = scenario_fixtures.ca_bundle
-port_open = scenario_fixtures.port_open
+from conftest import port_open  # molecule/scenario_fixtures.py, shared by the scenarios
 
 SCENARIO = Path(__file__).resolve().parent.parent
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
