@@ -254,8 +254,7 @@ class FasterWhisperEngine:
         self.settings = settings
         self.device = settings.device
         self.compute_type = settings.compute_type
-        self.batch_size = settings.batch_size
-        self.beam_size = settings.beam_size
+        self.batch_size = self.beam_size = 0  # chosen by load(), once the device is known
         self.vad = settings.vad
         self._model = None
 
