@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,6 +49,60 @@ def audio(assets):
         assert p.is_file(), f"{p} missing: run `make assets`"
         return p
     return path
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server (Debian's binaries), password-authenticated on 127.0.0.1, for the queue tests."""
+
+    USER, PASSWORD = "whisper", "queue-test-password"
+
+    def __init__(self, root: Path):
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            pytest.fail("PostgreSQL server binaries missing: run `make deps` (scripts/install-host-deps)",
+                        pytrace=False)
+        self.root, self.bindir, self.data, self.port = root, found[-1].parent, root / "pgdata", free_port()
+        # PostgreSQL refuses to run as root: as root (CI), run it as Debian's postgres user.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.data.mkdir()
+        pwfile = root / "pgpass"
+        pwfile.write_text(self.PASSWORD + "\n")
+        if self.as_user:
+            os.chmod(root, 0o755)
+            subprocess.run(["chown", "postgres", self.data, pwfile], check=True)
+        self._pg("initdb", "-D", self.data, "-U", self.USER, f"--pwfile={pwfile}", "-A", "scram-sha-256",
+                 "--no-sync")
+        self._pg("pg_ctl", "-D", self.data, "-l", self.data / "log", "-w", "-o",
+                 f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self._databases = 0
+
+    def _pg(self, tool: str, *args) -> None:
+        subprocess.run([*self.as_user, self.bindir / tool, *map(str, args)], check=True, capture_output=True)
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{dbname}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database: each test starts from nothing."""
+        import psycopg
+
+        self._databases += 1
+        name = f"jobs_{self._databases}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        self._pg("pg_ctl", "-D", self.data, "-m", "immediate", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    # Not under pytest's tmp dir: that one is private to root, and the server may run as the postgres user.
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="pilotys-whisper-pg-")))
+    yield server
+    server.stop()
 
 
 def normalize(text: str) -> list[str]:

@@ -27,13 +27,26 @@ def keys_file(tmp_path):
     return path
 
 
-def make_app(tmp_path, keys_file, engine=None, **settings):
-    env = dict(WHISPER_API_KEY="", WHISPER_API_KEYS_FILE=keys_file, WHISPER_STATE_DIR=tmp_path / "state",
-               WHISPER_TMP_DIR=tmp_path, WHISPER_WEBHOOK_BACKOFF_S=1, WHISPER_JOB_PURGE_INTERVAL_S=1)
-    env.update(settings)
-    app = create_app(make_settings(**env), engine or FakeEngine())
-    app.extensions["whisper"].ready.wait(5)
-    return app
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request):
+    """Every test here runs on both job backends: the embedded one and the queue shared by several workers."""
+    if request.param == "sqlite":
+        return {}
+    return {"WHISPER_JOB_BACKEND": "postgresql",
+            "WHISPER_JOB_DATABASE_URL": request.getfixturevalue("postgres").new_database()}
+
+
+@pytest.fixture
+def make_app(tmp_path, keys_file, backend):
+    def make(engine=None, **settings):
+        env = dict(WHISPER_API_KEY="", WHISPER_API_KEYS_FILE=keys_file, WHISPER_STATE_DIR=tmp_path / "state",
+                   WHISPER_TMP_DIR=tmp_path, WHISPER_WEBHOOK_BACKOFF_S=1, WHISPER_JOB_PURGE_INTERVAL_S=1,
+                   **backend)
+        env.update(settings)
+        app = create_app(make_settings(**env), engine or FakeEngine())
+        app.extensions["whisper"].ready.wait(5)
+        return app
+    return make
 
 
 @pytest.fixture
@@ -42,8 +55,8 @@ def engine():
 
 
 @pytest.fixture
-def app(tmp_path, keys_file, engine):
-    app = make_app(tmp_path, keys_file, engine)
+def app(make_app, engine):
+    app = make_app(engine)
     yield app
     engine.release.set()
     app.extensions["whisper"].jobs.stop()
@@ -142,8 +155,8 @@ def test_cancel_a_queued_and_a_running_job(app, audio, engine):
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "job_not_succeeded"
 
 
-def test_full_disk_is_507_and_leaves_nothing(tmp_path, keys_file, audio):
-    app = make_app(tmp_path, keys_file, WHISPER_SPOOL_MIN_FREE_MB=10**8)
+def test_full_disk_is_507_and_leaves_nothing(make_app, tmp_path, audio):
+    app = make_app(WHISPER_SPOOL_MIN_FREE_MB=10**8)
     try:
         r = submit(app.test_client(), audio)
         assert r.status_code == 507 and r.get_json()["error"]["code"] == "insufficient_storage"
@@ -154,8 +167,8 @@ def test_full_disk_is_507_and_leaves_nothing(tmp_path, keys_file, audio):
         app.extensions["whisper"].jobs.stop()
 
 
-def test_results_expire_and_are_purged(tmp_path, keys_file, audio):
-    app = make_app(tmp_path, keys_file, WHISPER_JOB_RETENTION_S=1)
+def test_results_expire_and_are_purged(make_app, audio):
+    app = make_app(WHISPER_JOB_RETENTION_S=1)
     try:
         client = app.test_client()
         job_id = submit(client, audio).get_json()["id"]
@@ -230,9 +243,9 @@ def receiver(tmp_path):
     server.shutdown()
 
 
-def test_signed_webhook_with_retries(tmp_path, keys_file, audio, receiver):
+def test_signed_webhook_with_retries(make_app, audio, receiver):
     url, ca, received = receiver
-    app = make_app(tmp_path, keys_file, WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8", WHISPER_WEBHOOK_CA_FILE=ca)
+    app = make_app(WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8", WHISPER_WEBHOOK_CA_FILE=ca)
     try:
         client = app.test_client()
         job_id = submit(client, audio, callback_url=url).get_json()["id"]

@@ -55,3 +55,52 @@ def test_job_survives_sigkill_and_progress_is_monotonic(model_dir, audio, tmp_pa
         assert "interrupted job(s) queued again" in second.logs()
     finally:
         assert second.stop() == 0
+
+
+def test_a_worker_killed_mid_job_another_finishes_it(model_dir, audio, tmp_path, postgres):
+    """Two workers share a PostgreSQL queue: SIGKILL the one running a job, the other takes it over."""
+    import psycopg
+
+    database = postgres.new_database()
+    env = {"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY, "WHISPER_JOB_BACKEND": "postgresql",
+           "WHISPER_JOB_DATABASE_URL": database}
+    workers = []
+    for name in ("a", "b"):
+        (tmp_path / name / "uploads").mkdir(parents=True)
+        workers.append(ServerProcess({**env, "WHISPER_STATE_DIR": str(tmp_path / name / "state")},
+                                     tmp_path / name / "uploads"))
+    first, second = workers
+    first.start()
+    try:
+        with open(audio("news_en_169s.wav"), "rb") as f:
+            r = requests.post(f"{first.url}/v1/jobs", files={"file": f}, data={"language": "en"}, headers=AUTH,
+                              timeout=60)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while job(first, job_id)["progress"] <= 0:
+            assert time.monotonic() < deadline, first.logs()
+            time.sleep(0.1)
+        second.start()  # started once the first one holds the job, so that the first one surely had it
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        first.stop()
+
+    try:
+        deadline = time.monotonic() + 150
+        while (state := job(second, job_id))["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, second.logs()
+            time.sleep(0.5)
+        assert state["status"] == "succeeded", state
+        assert state["attempts"] == 2, state
+        assert "its worker stopped answering, queued again" in second.logs()
+        text = requests.get(f"{second.url}/v1/jobs/{job_id}/result?format=text", headers=AUTH, timeout=10).text
+        assert wer(reference("news_en_169s"), text) <= 0.08
+        listed = requests.get(f"{second.url}/v1/jobs", headers=AUTH, timeout=10).json()["data"]
+        assert [j["id"] for j in listed] == [job_id]  # one job, one result
+        with psycopg.connect(database) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM job_audio").fetchone()[0] == 0  # the audio is gone
+        assert list((tmp_path / "b" / "state" / "spool").iterdir()) == []
+    finally:
+        assert second.stop() == 0

@@ -1,8 +1,13 @@
-"""Asynchronous jobs for long recordings: accepted once safely on disk, run in the background, survive restarts.
+"""Asynchronous jobs for long recordings: accepted once safely stored, run in the background, survive restarts.
 
-State lives in an embedded SQLite database (WAL, synchronous=FULL) and a spool directory under
-WHISPER_STATE_DIR. A job's audio is deleted as soon as the job ends; results expire after
-WHISPER_JOB_RETENTION_S. After a crash or a reboot, queued jobs run and interrupted ones start again.
+Two backends behind one API (WHISPER_JOB_BACKEND):
+- sqlite (default, one host): an embedded SQLite database (WAL, synchronous=FULL) and a spool directory under
+  WHISPER_STATE_DIR; this process's threads run the jobs.
+- postgresql (several workers): jobs, their audio and the queue in one PostgreSQL database that every worker
+  reaches; Procrastinate dispatches the jobs (see jobs_pg.py).
+A job's audio is deleted as soon as the job ends; results expire after WHISPER_JOB_RETENTION_S. A job
+interrupted by a crash runs again (at most MAX_ATTEMPTS times), and only the attempt that started last can
+record a result: the caller sees one.
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    expires_at REAL,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    expires_at DOUBLE PRECISION,
     filename TEXT,
-    size INTEGER,
-    duration REAL,
-    progress REAL NOT NULL DEFAULT 0,
+    size BIGINT,
+    duration DOUBLE PRECISION,
+    progress DOUBLE PRECISION NOT NULL DEFAULT 0,
     options TEXT NOT NULL,
     response_format TEXT NOT NULL,
     callback_url TEXT,
@@ -57,7 +62,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_message TEXT,
     result TEXT,
     webhook_status TEXT NOT NULL DEFAULT 'none',
-    webhook_next_at REAL,
+    webhook_next_at DOUBLE PRECISION,
     webhook_attempts TEXT NOT NULL DEFAULT '[]',
     UNIQUE (owner, idempotency_key)
 );
@@ -75,14 +80,19 @@ class _Shutdown(Exception):
     """The service is stopping: the running job goes back to the queue."""
 
 
-class JobStore:
-    """The jobs table. One connection per thread; every write is its own transaction."""
+class SqliteBackend:
+    """One host: the jobs table in SQLite, the audio in the local spool, this process's threads as workers.
 
-    def __init__(self, path: Path):
-        self.path = path
+    One connection per thread; every write is its own transaction.
+    """
+
+    shared = False  # only this process runs these jobs: what was running at start-up was interrupted
+
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+        self.path = manager.root / "jobs.sqlite3"
         self._local = threading.local()
-        with self._conn() as db:
-            db.executescript(SCHEMA)
+        self._conn().executescript(SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -106,15 +116,60 @@ class JobStore:
             raise
         db.execute("COMMIT")
 
-    def get(self, job_id: str, owner: str | None = None) -> sqlite3.Row | None:
-        sql, args = "SELECT * FROM jobs WHERE id = ?", [job_id]
-        if owner is not None:
-            sql, args = sql + " AND owner = ?", args + [owner]
-        return self._conn().execute(sql, args).fetchone()
+    def query(self, sql: str, args=()) -> list:
+        return self._conn().execute(sql, args).fetchall()
 
-    def update(self, job_id: str, **fields) -> None:
-        names = ", ".join(f"{name} = ?" for name in fields)
-        self._conn().execute(f"UPDATE jobs SET {names} WHERE id = ?", [*fields.values(), job_id])  # noqa: S608
+    def execute(self, sql: str, args=()) -> int:
+        return self._conn().execute(sql, args).rowcount
+
+    # -- audio: a file in the spool, fsynced before the job is accepted -----------------------------------
+
+    @contextlib.contextmanager
+    def accept(self, job_id: str, upload_path: str):
+        """A transaction in which to insert the job, its audio already safe in the spool."""
+        audio = self.manager.spool_copy(upload_path, self._audio_path(job_id))
+        try:
+            with self.transaction() as db:
+                yield db
+        except BaseException:
+            audio.unlink(missing_ok=True)
+            raise
+
+    @contextlib.contextmanager
+    def audio(self, job_id: str):
+        yield str(self._audio_path(job_id))
+
+    def delete_audio(self, job_id: str) -> None:
+        self._audio_path(job_id).unlink(missing_ok=True)
+
+    def _audio_path(self, job_id: str) -> Path:
+        return self.manager.spool / f"{job_id}.audio"
+
+    # -- dispatch: worker threads claim the oldest queued job --------------------------------------------
+
+    def enqueue(self, db, job_id: str) -> None:
+        self.manager.wake.set()
+
+    def start(self) -> None:
+        for number in range(self.manager.settings.job_workers):
+            self.manager.spawn(self._work, f"job-worker-{number}")
+
+    def _work(self) -> None:
+        manager = self.manager
+        while not manager.stopping.is_set():
+            if not manager.state.ready.wait(1.0) or manager.state.draining.is_set():
+                continue
+            with self.transaction() as db:
+                row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at LIMIT 1").fetchone()
+                row = manager.begin(db, row) if row is not None else None
+            if row is None:
+                manager.wake.wait(2.0)
+                manager.wake.clear()
+                continue
+            manager.run(row)
+
+    def housekeeping(self) -> None:
+        pass
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -131,38 +186,42 @@ class JobManager:
         self.root = Path(settings.state_dir)
         self.spool = self.root / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(self.root / "jobs.sqlite3")
         self.policy = WebhookPolicy(settings.webhook_allow_private, settings.webhook_ca_file,
                                     settings.webhook_timeout_s)
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._cancel: set[str] = set()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        if settings.job_backend == "postgresql":
+            from .jobs_pg import PostgresBackend
+
+            self.store = PostgresBackend(self)
+        else:
+            self.store = SqliteBackend(self)
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Requeue what a crash interrupted, then start the workers and the webhook/cleanup loop."""
-        with self.store.transaction() as db:
-            requeued = db.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'").rowcount
-        if requeued:
-            log.warning("%d interrupted job(s) queued again", requeued)
-        for number in range(self.settings.job_workers):
-            self._spawn(self._work, f"job-worker-{number}")
-        self._spawn(self._housekeeping, "job-housekeeping")
+        """Requeue what a crash interrupted (one host only), then start the workers and the housekeeping loop."""
+        if not self.store.shared:
+            requeued = self.store.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
+            if requeued:
+                log.warning("%d interrupted job(s) queued again", requeued)
+        self.store.start()
+        self.spawn(self._housekeeping, "job-housekeeping")
 
-    def _spawn(self, target, name: str) -> None:
+    def spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
     def stop(self, timeout: float = 25.0) -> None:
         """Stop taking jobs; a running one stops at its next chunk and goes back to the queue."""
-        self._stopping.set()
-        self._wake.set()
+        self.stopping.set()
+        self.wake.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.store.close()
 
     # -- the API ---------------------------------------------------------------------------------------------
 
@@ -185,9 +244,7 @@ class JobManager:
         if idempotency_key:
             existing = self._by_idempotency_key(principal.key_id, idempotency_key)
             if existing is not None:
-                response = jsonify(self._view(existing))
-                response.headers["Idempotent-Replayed"] = "true"
-                return response, 200
+                return self._replayed(existing)
         callback_url = (request.form.get("callback_url") or "").strip() or None
         if callback_url:
             if not principal.webhook_secret:
@@ -196,35 +253,30 @@ class JobManager:
                                "(webhook_secret= in the keys file) or poll the job instead", param="callback_url")
             self.policy.check(callback_url)
         params = TranscriptionParams.parse(self.state, require_ready=False)
+        self._check_free_space(params.size)
         job_id = "job_" + uuid.uuid4().hex
-        audio = self._spool_upload(params.path, params.size, job_id)
         options = {k: v for k, v in asdict(params.options).items() if k != "max_duration_s"}
-        now = time.time()
         try:
-            with self.store.transaction() as db:
+            with self.store.accept(job_id, params.path) as db:
                 if idempotency_key:
                     # A concurrent retry with the same key may have won the race: answer with its job.
                     row = db.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
                                      (principal.key_id, idempotency_key)).fetchone()
                     if row is not None:
-                        audio.unlink(missing_ok=True)
-                        response = jsonify(self._view(row))
-                        response.headers["Idempotent-Replayed"] = "true"
-                        return response, 200
+                        raise _Replay(row)
                 db.execute(
                     "INSERT INTO jobs (id, owner, status, created_at, filename, size, duration, options, "
                     "response_format, callback_url, idempotency_key, webhook_status) "
                     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, principal.key_id, now, params.filename[:255], params.size, params.options.duration_hint,
-                     json.dumps(options), params.response_format, callback_url, idempotency_key,
-                     "pending" if callback_url else "none"))
-        except BaseException:
-            audio.unlink(missing_ok=True)
-            raise
-        self._wake.set()
+                    (job_id, principal.key_id, time.time(), params.filename[:255], params.size,
+                     params.options.duration_hint, json.dumps(options), params.response_format, callback_url,
+                     idempotency_key, "pending" if callback_url else "none"))
+                self.store.enqueue(db, job_id)
+        except _Replay as replay:
+            return self._replayed(replay.row)
         g.audio_s = params.options.duration_hint
         log.info("job %s queued (%.0f s of audio)", job_id, params.options.duration_hint or 0)
-        response = jsonify(self._view(self.store.get(job_id)))
+        response = jsonify(self._view(self._get(job_id)))
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return response, 202
 
@@ -240,7 +292,7 @@ class JobManager:
         sql, args = "SELECT * FROM jobs WHERE owner = ?", [principal.key_id]
         if status:
             sql, args = sql + " AND status = ?", args + [status]
-        rows = self.store._conn().execute(sql + " ORDER BY created_at DESC LIMIT ?", [*args, limit]).fetchall()
+        rows = self.store.query(sql + " ORDER BY created_at DESC LIMIT ?", [*args, limit])
         return jsonify(object="list", data=[self._view(r) for r in rows])
 
     def show(self, job_id: str):
@@ -250,19 +302,16 @@ class JobManager:
         row = self._owned(job_id)
         if row["status"] in FINISHED:
             raise ApiError(409, "job_finished", f"the job is already {row['status']}")
-        with self.store.transaction() as db:
-            current = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()["status"]
-            if current == "queued":
-                db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, expires_at = ?, "
-                           "cancel_requested = 1 WHERE id = ?",
-                           (time.time(), time.time() + self.settings.job_retention_s, job_id))
-            elif current == "running":
-                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        if current == "queued":
-            self._audio_path(job_id).unlink(missing_ok=True)
-        else:
-            self._cancel.add(job_id)  # the worker stops at its next chunk
-        return jsonify(self._view(self.store.get(job_id))), 202 if current == "running" else 200
+        now = time.time()
+        # A queued job is cancelled at once; a running one by its worker (on any host) at its next chunk.
+        self.store.execute("UPDATE jobs SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, "
+                           "finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END, "
+                           "expires_at = CASE WHEN status = 'queued' THEN ? ELSE expires_at END, "
+                           "cancel_requested = 1 WHERE id = ?", (now, now + self.settings.job_retention_s, job_id))
+        row = self._get(job_id)
+        if row["status"] == "cancelled":
+            self.store.delete_audio(job_id)
+        return jsonify(self._view(row)), 200 if row["status"] in FINISHED else 202
 
     def result(self, job_id: str):
         row = self._owned(job_id)
@@ -282,35 +331,44 @@ class JobManager:
         return Response(body, content_type=content_type)
 
     def update_metrics(self) -> None:
-        rows = self.store._conn().execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        rows = self.store.query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
         counts = {r["status"]: r["n"] for r in rows}
         for status in STATUSES:
             self.state.metrics.jobs.labels(status=status).set(counts.get(status, 0))
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    def _owned(self, job_id: str) -> sqlite3.Row:
+    def _get(self, job_id: str):
+        rows = self.store.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def _owned(self, job_id: str):
         principal = self.state.authenticate()
-        row = self.store.get(job_id, principal.key_id)
-        if row is None:  # another key's job looks exactly like a missing one
+        rows = self.store.query("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, principal.key_id))
+        if not rows:  # another key's job looks exactly like a missing one
             raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
-        return row
+        return rows[0]
 
-    def _by_idempotency_key(self, owner: str, key: str) -> sqlite3.Row | None:
-        return self.store._conn().execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                                          (owner, key)).fetchone()
+    def _by_idempotency_key(self, owner: str, key: str):
+        rows = self.store.query("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key))
+        return rows[0] if rows else None
 
-    def _audio_path(self, job_id: str) -> Path:
-        return self.spool / f"{job_id}.audio"
+    def _replayed(self, row):
+        response = jsonify(self._view(row))
+        response.headers["Idempotent-Replayed"] = "true"
+        return response, 200
 
-    def _spool_upload(self, upload_path: str, size: int, job_id: str) -> Path:
-        """Copy the upload into the spool and fsync it: only then is the job accepted."""
+    def _check_free_space(self, size: int) -> None:
+        """The audio passes through this host's spool (both backends): refuse what would fill its disk."""
         free = shutil.disk_usage(self.spool).free
         if free - size < self.settings.spool_min_free_mb * 1024 * 1024:
             raise ApiError(507, "insufficient_storage",
                            f"not enough disk space to accept this job ({free // (1024 * 1024)} MB free); "
                            "retry later or ask the operator to free space", headers={"Retry-After": "60"})
-        target, partial = self._audio_path(job_id), self.spool / f"{job_id}.part"
+
+    def spool_copy(self, upload_path: str, target: Path) -> Path:
+        """Copy an upload into the spool and fsync it (file and directory)."""
+        partial = target.with_suffix(".part")
         try:
             with open(upload_path, "rb") as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -331,7 +389,7 @@ class JobManager:
             raise
         return target
 
-    def _view(self, row: sqlite3.Row) -> dict:
+    def _view(self, row) -> dict:
         job_id = row["id"]
         error = {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None
         webhook = None
@@ -356,41 +414,31 @@ class JobManager:
                       "cancel": f"/v1/jobs/{job_id}"},
         }
 
-    # -- the worker ----------------------------------------------------------------------------------------
+    # -- running a job (called by the backend's workers) --------------------------------------------------
 
-    def _claim(self) -> sqlite3.Row | None:
-        with self.store.transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at LIMIT 1").fetchone()
-            if row is None:
-                return None
-            if row["attempts"] >= MAX_ATTEMPTS:
-                db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
-                           "error_message = ?, webhook_next_at = ? WHERE id = ?",
-                           (time.time(), time.time() + self.settings.job_retention_s, "interrupted",
-                            f"the job was interrupted {MAX_ATTEMPTS} times (the service stopped while running it)",
-                            time.time(), row["id"]))
-                self._audio_path(row["id"]).unlink(missing_ok=True)
-                self._wake.set()  # look at the next one
-                return None
-            db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, progress = 0 "
-                       "WHERE id = ?", (time.time(), row["id"]))
-        return self.store.get(row["id"])
+    def begin(self, db, row):
+        """In the caller's transaction: mark the job running for one more attempt; None if there is nothing to run."""
+        if row["status"] in FINISHED:
+            return None
+        now = time.time()
+        if row["attempts"] >= MAX_ATTEMPTS:
+            db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
+                       "error_message = ?, webhook_next_at = ? WHERE id = ?",
+                       (now, now + self.settings.job_retention_s, "interrupted",
+                        f"the job was interrupted {MAX_ATTEMPTS} times (the service stopped while running it)",
+                        now, row["id"]))
+            self.store.delete_audio(row["id"])
+            self.wake.set()  # look at the next one
+            return None
+        db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, progress = 0 "
+                   "WHERE id = ?", (now, row["id"]))
+        return db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
 
-    def _work(self) -> None:
-        while not self._stopping.is_set():
-            if not self.state.ready.wait(1.0):
-                continue
-            row = self._claim()
-            if row is None:
-                self._wake.wait(2.0)
-                self._wake.clear()
-                continue
-            self._run(row)
-
-    def _run(self, row: sqlite3.Row) -> None:
-        job_id = row["id"]
+    def run(self, row) -> str:
+        """Transcribe a job begun by begin(); returns its new status ('queued' when the service is stopping)."""
+        job_id, attempt = row["id"], row["attempts"]
         options = TranscribeOptions(**json.loads(row["options"]), max_duration_s=self.settings.max_duration_s)
-        last = {"at": 0.0, "progress": 0.0}
+        last = {"at": 0.0, "progress": 0.0, "checked": time.monotonic()}
 
         def progress(done: float, total: float) -> None:
             total = total or row["duration"] or 0
@@ -400,40 +448,44 @@ class JobManager:
             now = time.monotonic()
             if value > last["progress"] and (now - last["at"] >= PROGRESS_EVERY_S or value >= 1.0):
                 last.update(at=now, progress=value)
-                self.store.update(job_id, progress=value)
+                self.store.execute("UPDATE jobs SET progress = ? WHERE id = ? AND attempts = ?",
+                                   (value, job_id, attempt))
 
         def should_stop() -> bool:
-            if self._stopping.is_set():
+            if self.stopping.is_set():
                 raise _Shutdown()
-            return job_id in self._cancel
+            now = time.monotonic()
+            if now - last["checked"] < PROGRESS_EVERY_S:
+                return False
+            last["checked"] = now  # a cancel may have reached another host: ask the database, once a second
+            rows = self.store.query("SELECT cancel_requested, attempts FROM jobs WHERE id = ?", (job_id,))
+            return not rows or bool(rows[0]["cancel_requested"]) or rows[0]["attempts"] != attempt
 
         started = time.monotonic()
-        log.info("job %s running (attempt %d)", job_id, row["attempts"])
+        log.info("job %s running (attempt %d)", job_id, attempt)
         try:
-            with self.state.admission.slot(bounded_queue=False):
-                result = self.state.engine.transcribe(str(self._audio_path(job_id)), options, progress, should_stop)
+            with self.state.admission.slot(bounded_queue=False), self.store.audio(job_id) as path:
+                result = self.state.engine.transcribe(path, options, progress, should_stop)
         except _Shutdown:
-            self.store.update(job_id, status="queued")
+            self.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND attempts = ?", (job_id, attempt))
             log.info("job %s back in the queue: the service is stopping", job_id)
-            return
+            return "queued"
         except Cancelled:
-            self._finish(job_id, "cancelled")
-            self._cancel.discard(job_id)
-            return
+            return self._finish(job_id, attempt, "cancelled")
         except ApiError as exc:
-            self._finish(job_id, "failed", error=(exc.code, exc.message))
-            return
+            return self._finish(job_id, attempt, "failed", error=(exc.code, exc.message))
         except Exception as exc:  # noqa: BLE001 - the job fails, the worker lives on
             log.exception("job %s failed", job_id)
-            self._finish(job_id, "failed", error=("internal_error", f"transcription failed: {type(exc).__name__}"))
-            return
+            return self._finish(job_id, attempt, "failed",
+                                error=("internal_error", f"transcription failed: {type(exc).__name__}"))
         elapsed = time.monotonic() - started
         self.state.metrics.observe_transcription(result.duration, elapsed)
-        self._finish(job_id, "succeeded", result=result)
-        log.info("job %s succeeded: %.1f s of audio in %.1f s", job_id, result.duration, elapsed)
+        status = self._finish(job_id, attempt, "succeeded", result=result)
+        log.info("job %s %s: %.1f s of audio in %.1f s", job_id, status, result.duration, elapsed)
+        return status
 
-    def _finish(self, job_id: str, status: str, *, result: Transcription | None = None,
-                error: tuple[str, str] | None = None) -> None:
+    def _finish(self, job_id: str, attempt: int, status: str, *, result: Transcription | None = None,
+                error: tuple[str, str] | None = None) -> str:
         now = time.time()
         fields = dict(status=status, finished_at=now, expires_at=now + self.settings.job_retention_s,
                       webhook_next_at=now)
@@ -441,35 +493,51 @@ class JobManager:
             fields.update(result=_dump_result(result), progress=1.0, duration=result.duration)
         if error is not None:
             fields.update(error_code=error[0], error_message=error[1])
-        row = self.store.get(job_id)
+        row = self._get(job_id)
+        if row is None:
+            return status
         if status == "cancelled" or row["callback_url"] is None:
             fields["webhook_status"] = "none" if row["callback_url"] is None else "skipped"
-        self.store.update(job_id, **fields)
-        self._audio_path(job_id).unlink(missing_ok=True)  # audio leaves the disk as soon as the job ends
-        self._wake.set()
+        names = ", ".join(f"{name} = ?" for name in fields)
+        # Only the attempt that started last records its outcome: a worker that was given up for dead and
+        # comes back cannot overwrite the result of the one that took its job over.
+        done = self.store.execute(f"UPDATE jobs SET {names} WHERE id = ? AND attempts = ? AND status = 'running'",  # noqa: S608
+                                  [*fields.values(), job_id, attempt])
+        if not done:
+            log.warning("job %s attempt %d: the job was taken over or cancelled meanwhile, outcome dropped",
+                        job_id, attempt)
+            return (self._get(job_id) or {"status": status})["status"]
+        self.store.delete_audio(job_id)  # audio leaves the disk as soon as the job ends
+        self.wake.set()
+        return status
 
     # -- webhooks and cleanup --------------------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
         last_purge = 0.0
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             try:
+                self.store.housekeeping()
                 self._deliver_due()
                 if time.monotonic() - last_purge >= self.settings.job_purge_interval_s:
                     self.purge()
                     last_purge = time.monotonic()
             except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
                 log.exception("job housekeeping failed")
-            self._stopping.wait(0.5)
+            self.stopping.wait(0.5)
 
     def _deliver_due(self) -> None:
-        due = self.store._conn().execute(
+        now = time.time()
+        due = self.store.query(
             "SELECT * FROM jobs WHERE webhook_status = 'pending' AND status IN ('succeeded', 'failed') "
-            "AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 10", (time.time(),)).fetchall()
+            "AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 10", (now,))
         for row in due:
-            self._deliver(row)
+            # Claim the delivery (workers share the table): whoever moves webhook_next_at first sends it.
+            if self.store.execute("UPDATE jobs SET webhook_next_at = ? WHERE id = ? AND webhook_next_at = ?",
+                                  (now + 2 * self.settings.webhook_timeout_s + 5, row["id"], row["webhook_next_at"])):
+                self._deliver(row)
 
-    def _deliver(self, row: sqlite3.Row) -> None:
+    def _deliver(self, row) -> None:
         principal = self.state.keyring.principal_for(row["owner"])
         attempts = json.loads(row["webhook_attempts"])
         record: dict = {"at": _iso(time.time())}
@@ -490,13 +558,14 @@ class JobManager:
                 record["error"] = f"{type(exc).__name__}: {exc}"[:200]
         attempts.append(record)
         if delivered:
-            fields = dict(webhook_status="delivered", webhook_next_at=None)
+            status, next_at = "delivered", None
         elif len(attempts) >= self.settings.webhook_max_attempts or principal is None:
-            fields = dict(webhook_status="failed", webhook_next_at=None)
+            status, next_at = "failed", None
         else:
             delay = self.settings.webhook_backoff_s * 2 ** (len(attempts) - 1)
-            fields = dict(webhook_next_at=time.time() + min(delay, 3600))
-        self.store.update(row["id"], webhook_attempts=json.dumps(attempts), **fields)
+            status, next_at = "pending", time.time() + min(delay, 3600)
+        self.store.execute("UPDATE jobs SET webhook_attempts = ?, webhook_status = ?, webhook_next_at = ? "
+                           "WHERE id = ?", (json.dumps(attempts), status, next_at, row["id"]))
         log.info("job %s webhook attempt %d: %s", row["id"], len(attempts),
                  record.get("status_code", record.get("error")))
 
@@ -506,7 +575,8 @@ class JobManager:
             expired = [r["id"] for r in db.execute(
                 "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ? AND "
                 "webhook_status != 'pending'", (time.time(),)).fetchall()]
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(j,) for j in expired])
+            for job_id in expired:
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             live = {r["id"] for r in db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")}
         for path in self.spool.iterdir():
             job_id = path.name.split(".", 1)[0]
@@ -515,6 +585,14 @@ class JobManager:
         if expired:
             log.info("purged %d expired job(s)", len(expired))
         return len(expired)
+
+
+class _Replay(Exception):
+    """An Idempotency-Key already names a job: roll back and answer with it."""
+
+    def __init__(self, row):
+        super().__init__(row["id"])
+        self.row = row
 
 
 def _dump_result(result: Transcription) -> str:

@@ -17,6 +17,7 @@ MODEL_NAMES = (
 )
 ENGINES = ("faster-whisper", "openai-whisper")
 DEVICES = ("auto", "cpu", "cuda")
+JOB_BACKENDS = ("sqlite", "postgresql")
 COMPUTE_TYPES = (
     "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
     "int16", "float16", "bfloat16", "float32",
@@ -66,6 +67,8 @@ class Settings:
     job_retention_s: int = 24 * 3600
     job_purge_interval_s: int = 60
     spool_min_free_mb: int = 256
+    job_backend: str = "sqlite"  # sqlite: this host only; postgresql: a queue shared by several workers
+    job_database: Secret | None = None  # libpq connection string (postgresql backend)
     webhook_secret: Secret | None = None  # for WHISPER_API_KEY (keys-file keys carry their own)
     webhook_allow_private: tuple[str, ...] = ()
     webhook_ca_file: str | None = None
@@ -147,6 +150,8 @@ class Settings:
             job_retention_s=r.integer("WHISPER_JOB_RETENTION_S", 24 * 3600, 1, 90 * 24 * 3600),
             job_purge_interval_s=r.integer("WHISPER_JOB_PURGE_INTERVAL_S", 60, 1, 24 * 3600),
             spool_min_free_mb=r.integer("WHISPER_SPOOL_MIN_FREE_MB", 256, 0, 10**9),
+            job_backend=r.choice("WHISPER_JOB_BACKEND", "sqlite", JOB_BACKENDS),
+            job_database=_job_database(r),
             webhook_secret=Secret(webhook_secret) if webhook_secret else None,
             webhook_allow_private=r.networks("WHISPER_WEBHOOK_ALLOW_PRIVATE"),
             webhook_ca_file=str(r.path("WHISPER_WEBHOOK_CA_FILE") or "") or None,
@@ -166,9 +171,24 @@ class Settings:
                 "set WHISPER_API_KEY or WHISPER_API_KEYS_FILE (or WHISPER_ALLOW_UNAUTHENTICATED=true "
                 "if something in front of the service authenticates)"
             )
+        if settings.job_backend == "postgresql" and not (settings.job_database and settings.state_dir):
+            raise SettingsError("WHISPER_JOB_BACKEND=postgresql needs WHISPER_JOB_DATABASE_URL (or "
+                                "WHISPER_JOB_DATABASE_URL_FILE) and WHISPER_STATE_DIR (the local spool)")
         if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
             raise SettingsError(f"WHISPER_API_KEYS_FILE={settings.api_keys_file} is not a readable file")
         return settings
+
+
+def _job_database(r: _Reader) -> Secret | None:
+    """The queue's connection string, from the environment or from a file (a systemd credential)."""
+    value = r.text("WHISPER_JOB_DATABASE_URL", "")
+    path = r.path("WHISPER_JOB_DATABASE_URL_FILE")
+    if path is not None:
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            r.errors.append(f"WHISPER_JOB_DATABASE_URL_FILE={str(path)!r} cannot be read ({exc.strerror})")
+    return Secret(value) if value else None
 
 
 def _default_label(model: str) -> str:
