@@ -21,6 +21,8 @@ INVENTORY = SCENARIO / "inventory"
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"
+NEWS = ASSETS / "audio" / "news_en_169s.wav"
+NEWS_REFERENCE = PROJECT / "service" / "tests" / "data" / "news_en_169s.txt"
 WORKERS = ["wc-w1", "wc-w2"]
 ACCESS_LOG = "/var/log/caddy/access.log"
 UPSTREAM_CAS = "/etc/caddy/upstream-cas"
@@ -83,6 +85,37 @@ def transcribe(address: str, key: str | None, ca: str) -> requests.Response:
                              data={"language": "fr"}, verify=ca, timeout=300)
 
 
+def wer(reference: str, hypothesis: str) -> float:
+    import re
+
+    import jiwer
+
+    def words(text: str) -> str:
+        return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
+    return jiwer.wer(words(reference), words(hypothesis))
+
+
+def submit_job(address: str, key: str, ca: str) -> str:
+    with open(NEWS, "rb") as f:
+        r = requests.post(f"https://{address}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                          files={"file": (NEWS.name, f)}, data={"language": "en"}, verify=ca, timeout=120)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def get_job(address: str, key: str, ca: str, job_id: str) -> dict:
+    return requests.get(f"https://{address}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"},
+                        verify=ca, timeout=30).json()
+
+
+def wait_job(address: str, key: str, ca: str, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (state := get_job(address, key, ca, job_id))["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    return state
+
+
 def worker_ready_from_gateway(gateway, name: str, worker_address: str) -> int:
     out = gateway.run(f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 10 "
                       f"--cacert {UPSTREAM_CAS}/{name}-caddy-root-ca.crt https://{worker_address}/ready")
@@ -127,11 +160,56 @@ def test_key_is_required_through_the_gateway(address, ca_bundle):
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
 
 
-def test_jobs_are_refused_until_there_is_a_shared_queue(address, api_key, ca_bundle):
+def test_a_job_through_the_gateway_survives_its_worker_being_killed(gateway, workers, worker_addresses, address,
+                                                                   api_key, ca_bundle):
+    """The shared queue: a job accepted by the gateway runs on a worker; SIGKILL that worker (and keep it down)
+    mid-job, and the other worker takes the job over; the caller sees one job and one result."""
     headers = {"Authorization": f"Bearer {api_key}"}
-    for method, path in [("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/abc")]:
-        r = requests.request(method, f"https://{address}{path}", headers=headers, verify=ca_bundle, timeout=10)
-        assert r.status_code == 501 and r.json()["error"]["code"] == "not_available_on_gateway", r.text
+    job_id = submit_job(address, api_key, ca_bundle)
+    deadline = time.monotonic() + 120
+    while get_job(address, api_key, ca_bundle, job_id)["progress"] <= 0:
+        assert time.monotonic() < deadline, journals(gateway, workers)
+        time.sleep(0.5)
+    running_on = [name for name, w in workers.items()
+                  if w.run(f"journalctl -u whisper-service --no-pager | grep -c 'job {job_id} taken by'").stdout
+                  .strip() not in ("", "0")]
+    assert len(running_on) == 1, (running_on, journals(gateway, workers))
+    killed, other = running_on[0], next(name for name in WORKERS if name != running_on[0])
+    # SIGKILL (nothing goes back to the queue by itself), then stop: systemd must not restart it meanwhile.
+    workers[killed].run("systemctl kill --signal=SIGKILL whisper-service; systemctl stop whisper-service")
+    try:
+        state = wait_job(address, api_key, ca_bundle, job_id, 240)
+        assert state["status"] == "succeeded" and state["attempts"] == 2, (state, journals(gateway, workers))
+        took_over = workers[other].run(f"journalctl -u whisper-service --no-pager | grep -c 'job {job_id} taken by'")
+        assert took_over.stdout.strip() == "1", journals(gateway, workers)
+        text = requests.get(f"https://{address}/v1/jobs/{job_id}/result?format=text", headers=headers,
+                            verify=ca_bundle, timeout=30).text
+        assert wer(NEWS_REFERENCE.read_text(), text) <= 0.1, text
+        listed = requests.get(f"https://{address}/v1/jobs?limit=100", headers=headers, verify=ca_bundle,
+                              timeout=30).json()["data"]
+        assert [j["id"] for j in listed].count(job_id) == 1
+    finally:
+        workers[killed].run("systemctl start whisper-service")
+    deadline = time.monotonic() + 180
+    while worker_ready_from_gateway(gateway, killed, worker_addresses[killed]) != 200:
+        assert time.monotonic() < deadline, journals(gateway, workers)
+        time.sleep(1)
+    time.sleep(HEALTH_CHECK_WINDOW_S)  # the gateway's next check finds it ready again
+
+
+def test_the_queue_answers_the_workers_only_and_over_tls(gateway, workers):
+    queue = gateway.ansible.get_variables()["ansible_host"]
+    assert not port_open(queue, 5432)  # this machine is no worker: the firewall drops it
+    python = "/opt/whisper-service/venv/bin/python"
+    for name, w in workers.items():
+        # The service's own connection string works (verify-full against the fetched certificate)...
+        ok = w.run(f"{python} -c \"import psycopg,sys; psycopg.connect(open(sys.argv[1]).read()).close()\" "
+                   "/etc/whisper-service/job-database")
+        assert ok.rc == 0, (name, ok.stderr)
+        # ...the same without TLS is refused by pg_hba (hostssl only), even with the right password.
+        plain = w.run(f"{python} -c \"import psycopg,sys; psycopg.connect(open(sys.argv[1]).read() + "
+                      "' sslmode=disable').close()\" /etc/whisper-service/job-database")
+        assert plain.rc != 0 and "no encryption" in plain.stderr, (name, plain.stderr)
 
 
 def test_metrics_are_not_published_by_the_gateway(address, ca_bundle):
@@ -173,9 +251,10 @@ def test_a_stopped_worker_gets_no_traffic_and_comes_back(gateway, workers, worke
     assert seen[down] > 0, f"the restarted worker gets no traffic again: {seen}"
 
 
-def test_a_rolling_deploy_loses_no_request(gateway, workers, address, api_key, ca_bundle):
+def test_a_rolling_deploy_loses_no_request_and_no_job(gateway, workers, address, api_key, ca_bundle):
     """playbooks/deploy.yml drains and restarts the workers one after the other while transcriptions keep
-    arriving through the gateway: every one of them succeeds, and every worker was restarted."""
+    arriving through the gateway: every one of them succeeds, a job queued meanwhile succeeds, and every
+    worker was restarted."""
     def invocation(w) -> str:
         return w.run("systemctl show --property=InvocationID --value whisper-service").stdout.strip()
 
@@ -196,6 +275,7 @@ def test_a_rolling_deploy_loses_no_request(gateway, workers, address, api_key, c
     senders = [threading.Thread(target=stream, name=f"steady-stream-{i}") for i in range(2)]
     for sender in senders:
         sender.start()
+    job_id = submit_job(address, api_key, ca_bundle)
     try:
         deploy = subprocess.run(
             [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY / "hosts.yml"),
@@ -209,3 +289,5 @@ def test_a_rolling_deploy_loses_no_request(gateway, workers, address, api_key, c
     assert all(before[name] != after[name] for name in workers), f"a worker was not restarted: {before} {after}"
     failures = [o for o in outcomes if o != 200]
     assert len(outcomes) >= 10 and not failures, (outcomes, journals(gateway, workers))
+    state = wait_job(address, api_key, ca_bundle, job_id, 300)
+    assert state["status"] == "succeeded", (state, journals(gateway, workers))
