@@ -269,3 +269,23 @@ def test_signed_webhook_with_retries(make_app, audio, receiver):
         assert [a.get("status_code") for a in job["webhook"]["attempts"]] == [500, 500, 204]
     finally:
         app.extensions["whisper"].jobs.stop()
+
+
+def test_each_model_has_its_own_queue(postgres, tmp_path, keys_file, audio):
+    """Workers serving another model (a GPU group with a larger one) share the database but not the queue."""
+    database = postgres.new_database()
+    engines = {"whisper-base": FakeEngine(), "whisper-large-v3": FakeEngine()}
+    def worker(label, engine):
+        return create_app(make_settings(
+            WHISPER_API_KEY="", WHISPER_API_KEYS_FILE=keys_file, WHISPER_STATE_DIR=tmp_path / label,
+            WHISPER_TMP_DIR=tmp_path, WHISPER_JOB_BACKEND="postgresql", WHISPER_JOB_DATABASE_URL=database,
+            WHISPER_MODEL_LABEL=label), engine)
+    apps = {label: worker(label, engine) for label, engine in engines.items()}
+    try:
+        ids = [submit(apps["whisper-large-v3"].test_client(), audio).get_json()["id"] for _ in range(3)]
+        for job_id in ids:  # the status is visible from any worker, whichever model it serves
+            wait_status(apps["whisper-base"].test_client(), job_id, ("succeeded",))
+        assert len(engines["whisper-large-v3"].calls) == 3 and engines["whisper-base"].calls == []
+    finally:
+        for app in apps.values():
+            app.extensions["whisper"].jobs.stop()

@@ -17,26 +17,32 @@ def job(server, job_id):
     return requests.get(f"{server.url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).json()
 
 
-def test_job_survives_sigkill_and_progress_is_monotonic(model_dir, audio, tmp_path):
-    env = {"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY, "WHISPER_STATE_DIR": str(tmp_path / "state")}
-    uploads = tmp_path / "uploads"
-    uploads.mkdir()
-    first = ServerProcess(env, uploads).start()
+def start_job_then_kill(server: ServerProcess, audio, before_kill=None) -> str:
+    """Submit the 169 s news as a job and SIGKILL the service once the job has begun; returns the job's id."""
     try:
         with open(audio("news_en_169s.wav"), "rb") as f:
-            r = requests.post(f"{first.url}/v1/jobs", files={"file": f}, data={"language": "en"}, headers=AUTH,
+            r = requests.post(f"{server.url}/v1/jobs", files={"file": f}, data={"language": "en"}, headers=AUTH,
                               timeout=60)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         deadline = time.monotonic() + 60
-        while job(first, job_id)["progress"] <= 0:
-            assert time.monotonic() < deadline, first.logs()
+        while job(server, job_id)["progress"] <= 0:
+            assert time.monotonic() < deadline, server.logs()
             time.sleep(0.1)
-        os.kill(first.proc.pid, signal.SIGKILL)
-        first.proc.wait(10)
+        if before_kill is not None:
+            before_kill()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
     finally:
-        first.stop()
-    assert job_id  # the job was running when the service died
+        server.stop()
+    return job_id
+
+
+def test_job_survives_sigkill_and_progress_is_monotonic(model_dir, audio, tmp_path):
+    env = {"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY, "WHISPER_STATE_DIR": str(tmp_path / "state")}
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    job_id = start_job_then_kill(ServerProcess(env, uploads).start(), audio)
 
     second = ServerProcess(env, uploads).start()
     try:
@@ -70,22 +76,8 @@ def test_a_worker_killed_mid_job_another_finishes_it(model_dir, audio, tmp_path,
         workers.append(ServerProcess({**env, "WHISPER_STATE_DIR": str(tmp_path / name / "state")},
                                      tmp_path / name / "uploads"))
     first, second = workers
-    first.start()
-    try:
-        with open(audio("news_en_169s.wav"), "rb") as f:
-            r = requests.post(f"{first.url}/v1/jobs", files={"file": f}, data={"language": "en"}, headers=AUTH,
-                              timeout=60)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        deadline = time.monotonic() + 60
-        while job(first, job_id)["progress"] <= 0:
-            assert time.monotonic() < deadline, first.logs()
-            time.sleep(0.1)
-        second.start()  # started once the first one holds the job, so that the first one surely had it
-        os.kill(first.proc.pid, signal.SIGKILL)
-        first.proc.wait(10)
-    finally:
-        first.stop()
+    # The second worker starts once the first one holds the job, so that the first one surely had it.
+    job_id = start_job_then_kill(first.start(), audio, before_kill=second.start)
 
     try:
         deadline = time.monotonic() + 150

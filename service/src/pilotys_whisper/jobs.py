@@ -448,8 +448,9 @@ class JobManager:
             now = time.monotonic()
             if value > last["progress"] and (now - last["at"] >= PROGRESS_EVERY_S or value >= 1.0):
                 last.update(at=now, progress=value)
-                self.store.execute("UPDATE jobs SET progress = ? WHERE id = ? AND attempts = ?",
-                                   (value, job_id, attempt))
+                with contextlib.suppress(ApiError):  # progress is best effort: a database blip does not fail the job
+                    self.store.execute("UPDATE jobs SET progress = ? WHERE id = ? AND attempts = ?",
+                                       (value, job_id, attempt))
 
         def should_stop() -> bool:
             if self.stopping.is_set():
@@ -458,7 +459,10 @@ class JobManager:
             if now - last["checked"] < PROGRESS_EVERY_S:
                 return False
             last["checked"] = now  # a cancel may have reached another host: ask the database, once a second
-            rows = self.store.query("SELECT cancel_requested, attempts FROM jobs WHERE id = ?", (job_id,))
+            try:
+                rows = self.store.query("SELECT cancel_requested, attempts FROM jobs WHERE id = ?", (job_id,))
+            except ApiError:  # the database is unreachable for a moment: carry on, ask again later
+                return False
             return not rows or bool(rows[0]["cancel_requested"]) or rows[0]["attempts"] != attempt
 
         started = time.monotonic()

@@ -31,7 +31,6 @@ from .jobs import SCHEMA
 log = logging.getLogger("pilotys_whisper.jobs")
 
 TASK = "pilotys_whisper.transcribe_job"
-QUEUE = "transcriptions"
 CHUNK = 1 << 20
 HEARTBEAT_S = 5.0
 STALLED_AFTER_S = 20.0  # a worker silent this long is gone: its job runs elsewhere
@@ -78,8 +77,13 @@ class PostgresBackend:
             raise RuntimeError(f"cannot reach the jobs database ({_describe(conninfo)}): {exc}") from exc
         self._create_schema()
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo))
-        self.app.task(name=TASK, queue=QUEUE, pass_context=True,
-                      retry=procrastinate.RetryStrategy(max_attempts=1000, wait=2, retry_exceptions={_Requeue}))(
+        # One queue per model: workers serving another model (a GPU group with a larger one) never take these.
+        self.queue = f"transcriptions-{settings.model_label}"
+        self.app.task(name=TASK, queue=self.queue, pass_context=True,
+                      # Back to the queue when this worker stops or drains, or could not reach the database
+                      # (ApiError 503); the job's own attempts (MAX_ATTEMPTS) bound how often it really runs.
+                      retry=procrastinate.RetryStrategy(max_attempts=1000, wait=2,
+                                                        retry_exceptions={_Requeue, ApiError}))(
             self._task)
         # Deferring happens in request threads, in our own transaction: a synchronous app of its own.
         self._defer_app = procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=conninfo))
@@ -141,7 +145,7 @@ class PostgresBackend:
 
     def enqueue(self, db: _Tx, job_id: str) -> None:
         """Queue the job in the transaction that inserts it: accepted and queued, or neither."""
-        self._defer_app.configure_task(TASK, allow_unknown=True, connection=db.conn, queue=QUEUE,
+        self._defer_app.configure_task(TASK, allow_unknown=True, connection=db.conn, queue=self.queue,
                                        queueing_lock=job_id).defer(job_id=job_id)
 
     def _task(self, context, job_id: str) -> None:
@@ -170,7 +174,7 @@ class PostgresBackend:
             self._loop = asyncio.get_running_loop()
             async with self.app.open_async():
                 worker = asyncio.create_task(self.app.run_worker_async(
-                    queues=[QUEUE], name=f"whisper-{os.uname().nodename}",
+                    queues=[self.queue], name=f"whisper-{os.uname().nodename}",
                     concurrency=self.manager.settings.job_workers,
                     install_signal_handlers=False, wait=True, listen_notify=True,
                     update_heartbeat_interval=HEARTBEAT_S, stalled_worker_timeout=STALLED_AFTER_S,
@@ -194,7 +198,7 @@ class PostgresBackend:
 
     async def _retry_stalled(self) -> None:
         manager = self.app.job_manager
-        for job in await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=STALLED_AFTER_S):
+        for job in await manager.get_stalled_jobs(queue=self.queue, seconds_since_heartbeat=STALLED_AFTER_S):
             try:
                 await manager.retry_job(job)
             except procrastinate.exceptions.ProcrastinateException as exc:  # another worker retried it first
