@@ -23,7 +23,8 @@ ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / 
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"
 NEWS = ASSETS / "audio" / "news_en_169s.wav"
 NEWS_REFERENCE = PROJECT / "service" / "tests" / "data" / "news_en_169s.txt"
-WORKERS = ["wc-w1", "wc-w2"]
+WORKERS = ["wc-w1", "wc-w2"]  # the default pool
+SECOND, SECOND_MODEL = "wc-g1", "whisper-second"  # a pool serving another model (group whisper_gpu_workers)
 ACCESS_LOG = "/var/log/caddy/access.log"
 UPSTREAM_CAS = "/etc/caddy/upstream-cas"
 # The gateway's active health checks (caddy role defaults): interval 5 s, timeout 3 s, plus a margin.
@@ -39,6 +40,11 @@ def gateway(host):
 @pytest.fixture(scope="module")
 def workers() -> dict:
     return {name: testinfra.get_host(f"ansible://{name}", ansible_inventory=str(INVENTORY / "hosts.yml")) for name in WORKERS}
+
+
+@pytest.fixture(scope="module")
+def second_worker():
+    return testinfra.get_host(f"ansible://{SECOND}", ansible_inventory=str(INVENTORY / "hosts.yml"))
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +229,40 @@ def test_the_queue_answers_the_workers_only_and_over_tls(gateway, workers):
         plain = w.run(f"{python} -c \"import psycopg,sys; psycopg.connect(open(sys.argv[1]).read() + "
                       "' sslmode=disable').close()\" /etc/whisper-service/job-database")
         assert plain.rc != 0 and "no encryption" in plain.stderr, (name, plain.stderr)
+
+
+def test_each_model_is_served_by_its_own_pool(gateway, workers, second_worker, address, api_key, ca_bundle):
+    """/models/<model>/ reaches the workers serving that model and only them; everything else goes to the
+    default pool; a job for that model runs on its workers (its own queue) and is visible from any route."""
+    everyone = {**workers, SECOND: second_worker}
+    headers = {"Authorization": f"Bearer {api_key}"}
+    marker = f"model-{uuid.uuid4().hex}"
+    for i in range(3):  # what an OpenAI client does with base_url https://GATEWAY/models/whisper-second/v1
+        with open(FRENCH, "rb") as f:
+            r = requests.post(f"https://{address}/models/{SECOND_MODEL}/v1/audio/transcriptions?{marker}={i}",
+                              headers=headers, files={"file": (FRENCH.name, f)},
+                              data={"model": SECOND_MODEL, "language": "fr"}, verify=ca_bundle, timeout=300)
+        assert r.status_code == 200 and "bonjour" in r.json()["text"].lower(), r.text
+    assert wait_seen(everyone, marker, 3) == {**{name: 0 for name in WORKERS}, SECOND: 3}
+    health = requests.get(f"https://{address}/models/{SECOND_MODEL}/health", verify=ca_bundle, timeout=30).json()
+    assert health["model"] == SECOND_MODEL
+    default_marker, statuses = probe(address, ca_bundle, 10)
+    assert statuses == [200] * 10
+    seen = wait_seen(everyone, default_marker, 10)
+    assert seen[SECOND] == 0 and sum(seen.values()) == 10, seen
+    r = requests.get(f"https://{address}/models/whisper-nothing/health", verify=ca_bundle, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+
+    with open(FRENCH, "rb") as f:
+        r = requests.post(f"https://{address}/models/{SECOND_MODEL}/v1/jobs", headers=headers,
+                          files={"file": (FRENCH.name, f)}, data={"language": "fr"}, verify=ca_bundle, timeout=120)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    state = wait_job(address, api_key, ca_bundle, job_id, 180)  # polled through the default route
+    assert state["status"] == "succeeded", state
+    taken = {name: w.run(f"journalctl -u whisper-service --no-pager | grep -c 'job {job_id} taken by'").stdout.strip()
+             for name, w in everyone.items()}
+    assert taken == {**{name: "0" for name in WORKERS}, SECOND: "1"}, taken
 
 
 def test_metrics_are_not_published_by_the_gateway(address, ca_bundle):
