@@ -19,18 +19,26 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas before any thread starts.
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (malloc.h)
 
-    glibc gives each thread that meets contention an arena of its own (up to 8 per core) and keeps their
-    freed pages: requests served by different waitress threads then leave the model's scratch memory in
-    several arenas, and the peak resident memory grew by about 120 MB (measured in bench/). Two arenas
-    keep it at one request's worth. MALLOC_ARENA_MAX in the environment, when set, wins.
+
+def _tune_malloc(arenas: int = 2, mmap_threshold: int = 8 << 20) -> None:
+    """Cap glibc's malloc arenas and fix its mmap threshold, before any thread starts (measured in bench/).
+
+    Arenas: glibc gives each thread that meets contention an arena of its own (up to 8 per core) and keeps
+    their freed pages: requests served by different waitress threads then left the model's scratch memory in
+    several arenas, about 120 MB more at the peak. Two arenas keep it at one request's worth.
+    mmap threshold: glibc raises it as large blocks are freed, after which the decoder's buffers of a few MB
+    stay in the heap between chunks; fixed at 8 MiB they go back to the system when freed: about 30 MB less
+    at the peak on a long recording, for about 15 % more time on 2 CPU cores.
+    MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_ in the environment, when set, win.
     """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            libc.mallopt(M_ARENA_MAX, arenas)
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
@@ -44,7 +52,7 @@ def _settings() -> Settings:
 
 
 def cmd_serve(_args) -> int:
-    _limit_malloc_arenas()
+    _tune_malloc()
     settings = _settings()
     _configure_logging(settings.log_level)
     from .app import create_app
