@@ -22,7 +22,7 @@ help:
 	@echo "make demo-down  remove the demo host"
 	@echo "make test       every test: lint, service, Ansible, client, rig, container, Molecule"
 	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
-	@echo "make test-cluster  a gateway and two workers on disposable hosts (not part of make test)"
+	@echo "make test-cluster  a gateway, a job queue and three workers on disposable hosts (not part of make test)"
 
 deps:
 	@scripts/install-host-deps
@@ -66,7 +66,7 @@ test-container: venv assets rig
 molecule: venv assets rig
 	molecule test --scenario-name default
 
-# Three disposable hosts at once: kept out of `make test` (CI time); run it when the cluster changes.
+# Four disposable hosts (about 16 min): kept out of `make test` (CI time); run it when the cluster changes.
 test-cluster: venv assets rig
 	molecule test --scenario-name cluster
 
