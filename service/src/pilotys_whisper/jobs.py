@@ -338,20 +338,22 @@ class JobManager:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    def _get(self, job_id: str):
-        rows = self.store.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    def _one(self, sql: str, args):
+        rows = self.store.query(sql, args)
         return rows[0] if rows else None
+
+    def _get(self, job_id: str):
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def _owned(self, job_id: str):
         principal = self.state.authenticate()
-        rows = self.store.query("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, principal.key_id))
-        if not rows:  # another key's job looks exactly like a missing one
+        row = self._one("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, principal.key_id))
+        if row is None:  # another key's job looks exactly like a missing one
             raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
-        return rows[0]
+        return row
 
     def _by_idempotency_key(self, owner: str, key: str):
-        rows = self.store.query("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key))
-        return rows[0] if rows else None
+        return self._one("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key))
 
     def _replayed(self, row):
         response = jsonify(self._view(row))
@@ -460,10 +462,10 @@ class JobManager:
                 return False
             last["checked"] = now  # a cancel may have reached another host: ask the database, once a second
             try:
-                rows = self.store.query("SELECT cancel_requested, attempts FROM jobs WHERE id = ?", (job_id,))
+                row = self._one("SELECT cancel_requested, attempts FROM jobs WHERE id = ?", (job_id,))
             except ApiError:  # the database is unreachable for a moment: carry on, ask again later
                 return False
-            return not rows or bool(rows[0]["cancel_requested"]) or rows[0]["attempts"] != attempt
+            return row is None or bool(row["cancel_requested"]) or row["attempts"] != attempt
 
         started = time.monotonic()
         log.info("job %s running (attempt %d)", job_id, attempt)

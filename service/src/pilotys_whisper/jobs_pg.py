@@ -51,7 +51,8 @@ class _Requeue(Exception):
 
 
 class _Tx:
-    """A transaction with the same face as sqlite3's: `?` placeholders, execute() returning a cursor."""
+    """A connection with sqlite3's face (`?` placeholders, execute() returning a cursor): every query of the
+    jobs code goes through it, in a transaction or not."""
 
     def __init__(self, conn: psycopg.Connection):
         self.conn = conn
@@ -108,11 +109,11 @@ class PostgresBackend:
 
     def query(self, sql: str, args=()) -> list:
         with _unavailable(), self.pool.connection() as conn:
-            return conn.execute(sql.replace("?", "%s"), args).fetchall()
+            return _Tx(conn).execute(sql, args).fetchall()
 
     def execute(self, sql: str, args=()) -> int:
         with _unavailable(), self.pool.connection() as conn:
-            return conn.execute(sql.replace("?", "%s"), args).rowcount
+            return _Tx(conn).execute(sql, args).rowcount
 
     # -- audio: chunks in the database, written in the transaction that accepts the job -------------------
 
