@@ -249,6 +249,30 @@ class _Prefetch:
         self._thread.join()
 
 
+class _DrawOneAtATime:
+    """A WhisperModel as faster-whisper's fallback sees it, except that its samples are drawn one at a time.
+
+    Above temperature 0 the fallback asks CTranslate2 for the best of 5 samples, and CTranslate2 then
+    decodes 5 copies of the chunk at once: about 200 MB more than decoding one, which took a 3-hour meeting's
+    peak from 440 to 520 MB for the one chunk in it that fell back that far. Drawn one by one, the best of 5
+    costs about 50 MB, for about 1.5 times the time of those rare chunks (bench/README.md).
+    """
+
+    def __init__(self, model):
+        self._model = model
+        self.model = self  # faster-whisper calls self.model.generate(...)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, features, prompts, *, num_hypotheses: int = 1, **kwargs):
+        whisper = self._model.model
+        if num_hypotheses <= 1 or kwargs.get("beam_size", 1) > 1:
+            return whisper.generate(features, prompts, num_hypotheses=num_hypotheses, **kwargs)
+        draws = [whisper.generate(features, prompts, **kwargs)[0] for _ in range(num_hypotheses)]
+        return [max(draws, key=lambda result: result.scores[0])]
+
+
 class FasterWhisperEngine:
     name = "faster-whisper"
 
@@ -452,8 +476,8 @@ class _Run:
             word_timestamps=False, prepend_punctuations=PREPEND_PUNCTUATIONS,
             append_punctuations=APPEND_PUNCTUATIONS, multilingual=False, max_new_tokens=None,
             clip_timestamps="0", hallucination_silence_threshold=None, hotwords=None)
-        result, avg_logprob, temperature, compression = self.model.generate_with_fallback(
-            single, list(self.prompt), self.tokenizer, opts)
+        result, avg_logprob, temperature, compression = type(self.model).generate_with_fallback(
+            _DrawOneAtATime(self.model), single, list(self.prompt), self.tokenizer, opts)
         return result.sequences_ids[0], avg_logprob, temperature, compression, result.no_speech_prob
 
     def _add_words(self, outputs: list[list[dict]], encoder_output, batch: list[Chunk]) -> None:
