@@ -255,7 +255,7 @@ class _DrawOneAtATime:
     Above temperature 0 the fallback asks CTranslate2 for the best of 5 samples, and CTranslate2 then
     decodes 5 copies of the chunk at once: about 200 MB more than decoding one, which took a 3-hour meeting's
     peak from 440 to 520 MB for the one chunk in it that fell back that far. Drawn one by one, the best of 5
-    costs about 50 MB, for about 1.5 times the time of those rare chunks (bench/README.md).
+    costs about 50 MB, for about 1.5 times the time of those rare chunks (bench/README.md). Used on a CPU.
     """
 
     def __init__(self, model):
@@ -476,8 +476,10 @@ class _Run:
             word_timestamps=False, prepend_punctuations=PREPEND_PUNCTUATIONS,
             append_punctuations=APPEND_PUNCTUATIONS, multilingual=False, max_new_tokens=None,
             clip_timestamps="0", hallucination_silence_threshold=None, hotwords=None)
+        # On a GPU memory is not what is short, and 5 samples at once take less time than 5 one by one.
+        model = self.model if self.model.model.device == "cuda" else _DrawOneAtATime(self.model)
         result, avg_logprob, temperature, compression = type(self.model).generate_with_fallback(
-            _DrawOneAtATime(self.model), single, list(self.prompt), self.tokenizer, opts)
+            model, single, list(self.prompt), self.tokenizer, opts)
         return result.sequences_ids[0], avg_logprob, temperature, compression, result.no_speech_prob
 
     def _add_words(self, outputs: list[list[dict]], encoder_output, batch: list[Chunk]) -> None:
