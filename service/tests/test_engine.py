@@ -1,5 +1,6 @@
 """The real `base` model on real and synthesised speech: what users actually get."""
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -208,40 +209,51 @@ def test_batch_and_beam_follow_the_device_unless_set(engine, model_dir):
 
 
 def test_fallback_draws_its_best_of_samples_one_at_a_time(engine, audio):
-    """Sampling 5 hypotheses at once decodes 5 copies of the chunk (+200 MB, bench/README.md): the fallback
-    draws them one by one from the real model and keeps the best, as CTranslate2 would have."""
+    """Sampling 5 hypotheses at once decodes 5 copies of the chunk (+200 MB, bench/README.md): on a CPU the
+    fallback draws them one by one from the real model and keeps the best, as CTranslate2 would have."""
     with PcmStream(str(audio("lecture_en_60s.wav"))) as stream:
         speech = next(stream.blocks(10.0))
     run = _Run(engine, TranscribeOptions(language="en"))
-    encoded = run._encode([Chunk([Region(0, speech)])])
+    batch = [Chunk([Region(0, speech)])]
+    encoded = run._encode(batch)
     run._prepare(encoded)
     calls = []
 
-    class Spy:  # the real CTranslate2 model, its calls recorded
+    class Spy:  # the real CTranslate2 model, its generate() calls recorded
+        def __getattr__(self, name):
+            return getattr(engine._model.model, name)
+
         def generate(self, *args, **kwargs):
-            calls.append(kwargs)
             results = engine._model.model.generate(*args, **kwargs)
-            calls[-1] = dict(kwargs, scores=[r.scores[0] for r in results])
+            calls.append(dict(kwargs, scores=[r.scores[0] for r in results]))
             return results
 
-    class Model:  # what the view reads from faster-whisper's WhisperModel
+    class Model:  # faster-whisper's WhisperModel around the spy
         model = Spy()
-        max_length = engine._model.max_length
 
-    view = _DrawOneAtATime(Model())
+        def __getattr__(self, name):
+            return getattr(engine._model, name)
+
     common = dict(max_length=448, return_scores=True, return_no_speech_prob=True)
-    [best] = view.generate(encoded, [run.prompt], beam_size=1, num_hypotheses=5, sampling_topk=0,
-                           sampling_temperature=0.4, **common)
+    [best] = _DrawOneAtATime(Model()).generate(encoded, [run.prompt], beam_size=1, num_hypotheses=5,
+                                               sampling_topk=0, sampling_temperature=0.4, **common)
     assert len(calls) == 5 and all("num_hypotheses" not in c for c in calls)
     assert best.scores[0] == max(c["scores"][0] for c in calls)
     said = set(normalize(reference("lecture_en_60s")))
     heard = normalize(run.tokenizer.decode([t for t in best.sequences_ids[0] if t < run.tokenizer.eot]))
     assert len([w for w in heard if w in said]) >= 0.7 * len(heard) > 0, heard  # the speech, not noise
     assert 0.0 <= best.no_speech_prob <= 1.0
-    assert view.max_length == engine._model.max_length  # everything else is the model's own
+
+    # The whole fallback, made to find every result wanting: beam 5 once, then 5 draws per temperature.
     calls.clear()
-    [beam] = view.generate(encoded, [run.prompt], beam_size=5, num_hypotheses=1, **common)
-    assert len(calls) == 1 and calls[0]["beam_size"] == 5  # beam search is one call, as before
+    run.model = Model()
+    wanting = dataclasses.replace(run._fallback_options(), log_prob_threshold=1.0)
+    run._fallback_options = lambda: wanting
+    tokens, *_ = run._fallback(encoded, batch, 0)
+    assert calls[0]["beam_size"] == 5 and calls[0].get("num_hypotheses", 1) == 1
+    assert [c["sampling_temperature"] for c in calls[1:]] == [t for t in (0.2, 0.4, 0.6, 0.8, 1.0) for _ in range(5)]
+    assert all(c["beam_size"] == 1 and "num_hypotheses" not in c for c in calls[1:])
+    assert tokens  # the best of those 26 decodings
 
 
 def test_prefetch_hands_the_producer_error_to_the_consumer():

@@ -462,12 +462,11 @@ class _Run:
             return self._encode([batch[i] for i in keep])
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(encoder_output)[keep]))
 
-    def _fallback(self, encoder_output, batch: list[Chunk], index: int):
-        """Decode one chunk again, as faster-whisper's sequential mode does: beam search, then sampling."""
+    def _fallback_options(self):
+        """faster-whisper's sequential defaults: beam 5, then the best of 5 samples at rising temperatures."""
         from faster_whisper.transcribe import TranscriptionOptions
 
-        single = self._rows(encoder_output, batch, [index])
-        opts = TranscriptionOptions(
+        return TranscriptionOptions(
             beam_size=5, best_of=5, patience=1.0, length_penalty=1.0, repetition_penalty=1.0,
             no_repeat_ngram_size=0, log_prob_threshold=-1.0, no_speech_threshold=0.6,
             compression_ratio_threshold=2.4, condition_on_previous_text=False, prompt_reset_on_temperature=0.5,
@@ -476,10 +475,16 @@ class _Run:
             word_timestamps=False, prepend_punctuations=PREPEND_PUNCTUATIONS,
             append_punctuations=APPEND_PUNCTUATIONS, multilingual=False, max_new_tokens=None,
             clip_timestamps="0", hallucination_silence_threshold=None, hotwords=None)
+
+    def _fallback(self, encoder_output, batch: list[Chunk], index: int):
+        """Decode one chunk again, as faster-whisper's sequential mode does: beam search, then sampling."""
+        from faster_whisper import WhisperModel
+
+        single = self._rows(encoder_output, batch, [index])
         # On a GPU memory is not what is short, and 5 samples at once take less time than 5 one by one.
         model = self.model if self.model.model.device == "cuda" else _DrawOneAtATime(self.model)
-        result, avg_logprob, temperature, compression = type(self.model).generate_with_fallback(
-            model, single, list(self.prompt), self.tokenizer, opts)
+        result, avg_logprob, temperature, compression = WhisperModel.generate_with_fallback(
+            model, single, list(self.prompt), self.tokenizer, self._fallback_options())
         return result.sequences_ids[0], avg_logprob, temperature, compression, result.no_speech_prob
 
     def _add_words(self, outputs: list[list[dict]], encoder_output, batch: list[Chunk]) -> None:
