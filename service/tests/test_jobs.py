@@ -142,10 +142,16 @@ def upload_with(client, audio, token, name="fr_meeting.wav", **fields):
                            headers={"Authorization": f"Bearer {token}"}, content_type="multipart/form-data")
 
 
-def test_an_upload_grant_creates_one_job_with_the_options_it_fixed(app, audio, engine):
+def test_an_upload_grant_creates_one_job_with_the_options_it_fixed(app, audio, engine, keys_file):
     client = app.test_client()
     issued = grant(client, language="en", response_format="text", idempotency_key="meeting-42", expires_in=120)
     assert issued["token"].startswith("wug1.") and ALICE not in issued["token"]
+    # Stateless: another worker holding the same keys accepts it (behind a gateway, any worker gets the upload).
+    from pilotys_whisper import grants
+    from pilotys_whisper.auth import KeyRing
+
+    elsewhere = grants.verify(KeyRing(keys_file=keys_file), f"Bearer {issued['token']}")
+    assert elsewhere.principal.label == "alice" and elsewhere.fields == {"language": "en", "response_format": "text"}
     assert issued["upload_url"] == "/v1/jobs" and issued["idempotency_key"] == "meeting-42"
     # The browser cannot change what the grant fixed.
     first = upload_with(client, audio, issued["token"], language="de", response_format="srt")
