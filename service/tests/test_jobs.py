@@ -129,6 +129,95 @@ def test_idempotency_key_returns_the_same_job(app, audio):
     assert len(client.get("/v1/jobs", headers=auth(ALICE)).get_json()["data"]) == 1
 
 
+def grant(client, key=ALICE, **body):
+    r = client.post("/v1/uploads", json=body, headers=auth(key))
+    assert r.status_code == 201, r.get_json()
+    return r.get_json()
+
+
+def upload_with(client, audio, token, name="fr_meeting.wav", **fields):
+    """What the browser does: the file (and whatever else it tries) with the grant, no API key."""
+    with open(audio(name), "rb") as f:
+        return client.post("/v1/jobs", data={"file": (f, name), **fields},
+                           headers={"Authorization": f"Bearer {token}"}, content_type="multipart/form-data")
+
+
+def test_an_upload_grant_creates_one_job_with_the_options_it_fixed(app, audio, engine, keys_file):
+    client = app.test_client()
+    issued = grant(client, language="en", response_format="text", idempotency_key="meeting-42", expires_in=120)
+    assert issued["token"].startswith("wug1.") and ALICE not in issued["token"]
+    # Stateless: another worker holding the same keys accepts it (behind a gateway, any worker gets the upload).
+    from pilotys_whisper import grants
+    from pilotys_whisper.auth import KeyRing
+
+    elsewhere = grants.verify(KeyRing(keys_file=keys_file), f"Bearer {issued['token']}")
+    assert elsewhere.principal.label == "alice" and elsewhere.fields == {"language": "en", "response_format": "text"}
+    assert issued["upload_url"] == "/v1/jobs" and issued["idempotency_key"] == "meeting-42"
+    # The browser cannot change what the grant fixed.
+    first = upload_with(client, audio, issued["token"], language="de", response_format="srt")
+    assert first.status_code == 202, first.get_json()
+    job = wait_status(client, first.get_json()["id"], ("succeeded",))
+    assert engine.calls[-1][1].language == "en"
+    assert client.get(f"/v1/jobs/{job['id']}/result", headers=auth(ALICE)).content_type.startswith("text/plain")
+    # Used again (a retry, or a leaked token): the same job, never a second transcription.
+    again = upload_with(client, audio, issued["token"])
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == job["id"] and len(engine.calls) == 1
+    # The job is the key's, like one it uploaded itself: same idempotency key, same job.
+    assert submit(client, audio, headers={"Idempotency-Key": "meeting-42"}).get_json()["id"] == job["id"]
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth(BOB)).status_code == 404
+    # Without an idempotency key, the grant makes one up: still one job per grant.
+    fresh = grant(client)
+    one, two = upload_with(client, audio, fresh["token"]), upload_with(client, audio, fresh["token"])
+    assert one.status_code == 202 and two.get_json()["id"] == one.get_json()["id"]
+
+
+def test_an_upload_grant_is_refused_forged_expired_revoked_or_elsewhere(app, audio, keys_file, engine):
+    from pilotys_whisper import grants
+
+    client = app.test_client()
+    state = app.extensions["whisper"]
+    token = grant(client, language="fr")["token"]
+    claims, _, signature = token.rpartition(".")
+    forged_claims = claims.replace(claims[len("wug1."):], grants._b64(
+        grants._unb64(claims[len("wug1."):]).replace(b'"fr"', b'"en"')))
+    for bad in (forged_claims + "." + signature, token[:-2] + ("AA" if not token.endswith("AA") else "BB"),
+                "wug1.garbage", "wug1." + grants._b64(b'{"kid":1}') + ".AAAA"):
+        r = upload_with(client, audio, bad)
+        assert r.status_code == 401 and r.get_json()["error"]["code"] == "invalid_upload_grant", bad
+        assert "invalid_token" in r.headers["WWW-Authenticate"]
+    alice = state.keyring.authenticate(f"Bearer {ALICE}")
+    expired, _ = grants.issue(state.keyring, alice, {}, idempotency_key=None, ttl_s=-1)
+    r = upload_with(client, audio, expired)
+    assert r.status_code == 401 and r.get_json()["error"]["code"] == "upload_grant_expired"
+    # A grant creates a job and does nothing else.
+    for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/uploads"), ("POST", "/v1/audio/transcriptions"),
+                         ("POST", "/transcribe"), ("GET", "/v1/models")):
+        r = client.open(path, method=method, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401 and r.get_json()["error"]["code"] == "upload_grant_not_accepted", path
+    assert engine.calls == []
+    # Removing the key revokes its grants.
+    keys_file.write_text(f"{BOB} label=bob\n")
+    time.sleep(1.1)  # the keys file is looked at again after a second
+    r = upload_with(client, audio, token)
+    assert r.status_code == 401 and r.get_json()["error"]["code"] == "invalid_upload_grant"
+    assert client.get("/v1/jobs", headers=auth(BOB)).get_json()["data"] == []
+
+
+def test_an_upload_grant_checks_its_options_when_issued(app):
+    client = app.test_client()
+    cases = [({"language": "xx"}, "unsupported_language"), ({"response_format": "pdf"}, "invalid_response_format"),
+             ({"expires_in": 5}, "invalid_expires_in"), ({"expires_in": 86400}, "invalid_expires_in"),
+             ({"colour": "blue"}, "unknown_field"), ({"idempotency_key": "x" * 300}, "invalid_idempotency_key"),
+             ({"callback_url": "https://10.0.0.1/hook"}, "invalid_callback_url")]
+    for body, code in cases:
+        r = client.post("/v1/uploads", json=body, headers=auth(ALICE))
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == code, (body, r.get_json())
+    r = client.post("/v1/uploads", json={"callback_url": "https://example.com/hook"}, headers=auth(BOB))
+    assert r.get_json()["error"]["code"] == "webhook_secret_missing"
+    assert client.post("/v1/uploads", json={}).status_code == 401
+
+
 def test_a_key_sees_only_its_own_jobs(app, audio):
     client = app.test_client()
     job_id = submit(client, audio).get_json()["id"]

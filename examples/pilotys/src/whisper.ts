@@ -1,12 +1,17 @@
 /**
  * PILOTYS side of pilotys-whisper: send a meeting recording as a job, then either receive the signed
- * webhook or poll. Works in a Next.js route handler on Vercel (a 10-60 s function only uploads and
- * returns; the transcription runs on your server), and in any Node.js >= 18 code.
+ * webhook or poll. On Vercel a route cannot receive a recording over 4.5 MB: there the route hands the
+ * browser an upload grant (`createUploadGrantHandler`) and the browser uploads itself (upload.ts); in any
+ * other Node.js >= 18 code, `submitJob` uploads directly.
  *
  * Configuration: WHISPER_API_URL (e.g. https://whisper.example.com) and WHISPER_API_KEY; for webhooks,
  * WHISPER_WEBHOOK_SECRET (the webhook_secret configured for that key on the server).
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
+
+import { WhisperError, errorFrom, type UploadGrant } from "./upload.js";
+
+export { WhisperError, uploadWithGrant, type UploadGrant } from "./upload.js";
 
 export type JobStatus = "queued" | "running" | "succeeded" | "failed" | "cancelled";
 export type ResultFormat = "json" | "text" | "srt" | "vtt" | "verbose_json";
@@ -54,18 +59,6 @@ export interface SubmitOptions {
   idempotencyKey?: string;
 }
 
-export class WhisperError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-    readonly retryAfterSeconds?: number,
-  ) {
-    super(message);
-    this.name = "WhisperError";
-  }
-}
-
 export function configFromEnv(env: NodeJS.ProcessEnv = process.env): WhisperConfig {
   const apiUrl = env.WHISPER_API_URL;
   const apiKey = env.WHISPER_API_KEY;
@@ -83,19 +76,7 @@ async function call(config: WhisperConfig, path: string, init: RequestInit = {})
     headers,
     signal: AbortSignal.timeout(config.timeoutMs ?? 120_000),
   });
-  if (!response.ok) {
-    let code = "http_error";
-    let message = `${response.status} ${response.statusText}`;
-    try {
-      const body = (await response.json()) as { error?: { code?: string; message?: string } };
-      code = body.error?.code ?? code;
-      message = body.error?.message ?? message;
-    } catch {
-      // not JSON: keep the status line
-    }
-    const retry = Number(response.headers.get("Retry-After"));
-    throw new WhisperError(response.status, code, message, Number.isFinite(retry) && retry > 0 ? retry : undefined);
-  }
+  if (!response.ok) throw await errorFrom(response);
   return response;
 }
 
@@ -116,6 +97,46 @@ export async function submitJob(
   if (options.idempotencyKey) headers["Idempotency-Key"] = options.idempotencyKey;
   const response = await call(config, "/v1/jobs", { method: "POST", body: form, headers });
   return (await response.json()) as Job;
+}
+
+export interface GrantOptions {
+  language?: string;
+  prompt?: string;
+  responseFormat?: ResultFormat;
+  wordTimestamps?: boolean;
+  callbackUrl?: string;
+  /** The meeting's own key: every upload made with grants for it yields the same job. */
+  idempotencyKey?: string;
+  /** Seconds the grant stays valid (60-3600; the server's default is 900). */
+  expiresIn?: number;
+}
+
+/** Ask the server for an upload grant (with the API key): a token the browser uses to create one job. */
+export async function createUploadGrant(
+  options: GrantOptions = {},
+  config: WhisperConfig = configFromEnv(),
+): Promise<UploadGrant> {
+  const body = {
+    language: options.language,
+    prompt: options.prompt,
+    response_format: options.responseFormat,
+    timestamp_granularities: options.wordTimestamps ? ["segment", "word"] : undefined,
+    callback_url: options.callbackUrl,
+    idempotency_key: options.idempotencyKey,
+    expires_in: options.expiresIn,
+  };
+  const response = await call(config, "/v1/uploads", {
+    method: "POST",
+    body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" },
+  });
+  const grant = (await response.json()) as { token: string; upload_url: string; expires_at: string; idempotency_key: string };
+  return {
+    uploadUrl: `${config.apiUrl}${grant.upload_url}`,
+    token: grant.token,
+    expiresAt: grant.expires_at,
+    idempotencyKey: grant.idempotency_key,
+  };
 }
 
 export async function getJob(id: string, config: WhisperConfig = configFromEnv()): Promise<Job> {
@@ -192,7 +213,47 @@ export async function readWebhook(request: Request, secret: string): Promise<Web
   return JSON.parse(Buffer.from(raw).toString("utf8")) as WebhookEvent;
 }
 
-/** Route handler for the upload (Next.js App Router: `export const POST = createUploadHandler(...)`). */
+/**
+ * Route handler that grants an upload (Next.js App Router: `export const POST = createUploadGrantHandler(...)`).
+ * Body: JSON `{"meetingId": "..."}`; answers `{uploadUrl, token, expiresAt}` for `uploadWithGrant` in the
+ * browser. `authorize` decides who may upload (check PILOTYS's session there): a grant spends server time.
+ */
+export function createUploadGrantHandler({
+  callbackUrl,
+  language = "fr",
+  authorize,
+  config,
+}: {
+  callbackUrl?: string;
+  language?: string;
+  authorize?: (request: Request) => Promise<boolean>;
+  config?: WhisperConfig;
+} = {}) {
+  return async function POST(request: Request): Promise<Response> {
+    if (authorize && !(await authorize(request))) return jsonResponse({ error: "not allowed" }, 403);
+    let meetingId: unknown;
+    try {
+      ({ meetingId } = (await request.json()) as { meetingId?: unknown });
+    } catch {
+      return jsonResponse({ error: "send JSON: {\"meetingId\": \"...\"}" }, 400);
+    }
+    if (typeof meetingId !== "string" || !meetingId) return jsonResponse({ error: "meetingId is required" }, 400);
+    try {
+      // One job per meeting, however many times the browser asks for a grant and uploads.
+      const grant = await createUploadGrant({ language, callbackUrl, idempotencyKey: `meeting-${meetingId}` },
+        config ?? configFromEnv());
+      return jsonResponse(grant, 201);
+    } catch (error) {
+      if (error instanceof WhisperError) return relayed(error);
+      throw error;
+    }
+  };
+}
+
+/**
+ * Route handler that receives the recording and uploads it (`export const POST = createUploadHandler(...)`).
+ * Not on Vercel beyond 4.5 MB (its functions refuse larger bodies): use `createUploadGrantHandler` there.
+ */
 export function createUploadHandler({
   callbackUrl,
   language = "fr",
@@ -219,10 +280,7 @@ export function createUploadHandler({
       );
       return jsonResponse({ jobId: job.id, status: job.status }, 202);
     } catch (error) {
-      if (error instanceof WhisperError) {
-        const headers: Record<string, string> = error.retryAfterSeconds ? { "Retry-After": String(error.retryAfterSeconds) } : {};
-        return jsonResponse({ error: error.message, code: error.code }, error.status >= 500 ? 502 : error.status, headers);
-      }
+      if (error instanceof WhisperError) return relayed(error);
       throw error;
     }
   };
@@ -256,6 +314,12 @@ export function createWebhookHandler({
     }
     return new Response(null, { status: 204 });
   };
+}
+
+/** The server's refusal, passed on to PILOTYS's caller (its own failures as 502). */
+function relayed(error: WhisperError): Response {
+  const headers: Record<string, string> = error.retryAfterSeconds ? { "Retry-After": String(error.retryAfterSeconds) } : {};
+  return jsonResponse({ error: error.message, code: error.code }, error.status >= 500 ? 502 : error.status, headers);
 }
 
 function jsonResponse(body: unknown, status: number, headers: Record<string, string> = {}): Response {

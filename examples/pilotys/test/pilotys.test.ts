@@ -12,13 +12,16 @@ import { fileURLToPath } from "node:url";
 import {
   WhisperError,
   cancelJob,
+  createUploadGrantHandler,
   createUploadHandler,
   createWebhookHandler,
   getResult,
   submitJob,
+  uploadWithGrant,
   verifyWebhookSignature,
   waitForJob,
   type Job,
+  type UploadGrant,
   type WhisperConfig,
 } from "../src/whisper.js";
 
@@ -26,6 +29,9 @@ const ROOT = resolve(fileURLToPath(new URL(".", import.meta.url)), "../../../.."
 const ASSETS = process.env.PILOTYS_WHISPER_ASSETS ?? join(homedir(), ".cache/pilotys-whisper/assets");
 const KEY = "pilotys-test-key-0123456789";
 const SECRET = "pilotys-webhook-secret-0123456789";
+const ORIGIN = "https://app.pilotys.example";
+// The most a Vercel function accepts as a request body.
+const VERCEL_BODY_LIMIT = 4.5 * 1000 * 1000;
 const work = mkdtempSync(join(tmpdir(), "pilotys-client-"));
 
 let service: ChildProcess;
@@ -78,6 +84,7 @@ before(async () => {
       WHISPER_WEBHOOK_ALLOW_PRIVATE: "127.0.0.0/8",
       WHISPER_WEBHOOK_CA_FILE: join(work, "hook.crt"),
       WHISPER_WEBHOOK_BACKOFF_S: "1",
+      WHISPER_CORS_ORIGINS: ORIGIN,
     },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -136,6 +143,38 @@ describe("PILOTYS with pilotys-whisper", () => {
     assert.equal(got.job.status, "succeeded");
     assert.match(got.text.toLowerCase(), /bonjour/);
     assert.match(got.text.toLowerCase(), /réunion/);
+  });
+
+  it("grants the browser an upload past Vercel's 4.5 MB, which the browser sends without the API key", async () => {
+    const grantRoute = createUploadGrantHandler({ callbackUrl, language: "en", config });
+    const asked = await grantRoute(new Request("https://app.example/api/transcriptions", {
+      method: "POST", body: JSON.stringify({ meetingId: "long-1" }), headers: { "Content-Type": "application/json" } }));
+    assert.equal(asked.status, 201);
+    const grant = (await asked.json()) as UploadGrant;
+    assert.equal(grant.uploadUrl, `${config.apiUrl}/v1/jobs`);
+    assert.ok(!grant.token.includes(KEY));
+
+    // The browser's preflight for its cross-origin upload with an Authorization header.
+    const preflight = await fetch(grant.uploadUrl, { method: "OPTIONS", headers: {
+      Origin: ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization" } });
+    assert.equal(preflight.headers.get("Access-Control-Allow-Origin"), ORIGIN);
+    assert.match(preflight.headers.get("Access-Control-Allow-Headers") ?? "", /Authorization/);
+
+    const audio = recording("news_en_169s.wav");
+    assert.ok(audio.size > VERCEL_BODY_LIMIT, `${audio.size} bytes: the test needs a recording a Vercel route refuses`);
+    const job = await uploadWithGrant(audio, grant, { filename: "news.wav" });
+    const got = await until("the webhook", async () => delivered.find((d) => d.job.id === job.id));
+    assert.equal(got.job.status, "succeeded");
+    assert.match(got.text, /crack a joke/);
+
+    // The browser retries (or the token leaked): the same job, not a second transcription.
+    const again = await uploadWithGrant(recording("news_en_169s.wav"), grant, { filename: "news.wav" });
+    assert.equal(again.id, job.id);
+    // The grant does nothing else: not even read the job it made.
+    await assert.rejects(getResult(job.id, "text", { ...config, apiKey: grant.token }),
+      (error: unknown) => error instanceof WhisperError && error.status === 401 && error.code === "upload_grant_not_accepted");
+    const refused = await grantRoute(new Request("https://app.example/api/transcriptions", { method: "POST", body: "{}" }));
+    assert.equal(refused.status, 400);
   });
 
   it("polls a job to the end with monotonic progress, then reads the result", async () => {

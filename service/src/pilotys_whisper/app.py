@@ -22,6 +22,7 @@ from .auth import KeyRing, Principal
 from .engines import Engine, TranscribeOptions, build_engine
 from .errors import ApiError, http_error
 from .formats import RESPONSE_FORMATS, render, to_legacy
+from .grants import is_grant
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .settings import Settings
 
@@ -92,6 +93,10 @@ class ServiceState:
         return thread
 
     def authenticate(self) -> Principal:
+        if is_grant(request.headers.get("Authorization")):
+            raise ApiError(401, "upload_grant_not_accepted",
+                           "an upload grant only creates a job (POST /v1/jobs); use the API key here",
+                           headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
         principal = self.keyring.authenticate(request.headers.get("Authorization"))
         if principal is None:
             presented = bool(request.headers.get("Authorization"))
@@ -306,14 +311,41 @@ class TranscriptionParams:
 
     @classmethod
     def parse(cls, state: ServiceState, *, legacy: bool = False, task: str = "transcribe",
-              require_ready: bool = True) -> TranscriptionParams:
-        """Validate the form fields and the uploaded file (everything cheap, before queueing)."""
+              require_ready: bool = True, fields=None) -> TranscriptionParams:
+        """Validate the form fields (or those an upload grant fixed) and the uploaded file (everything cheap,
+        before queueing)."""
         settings = state.settings
-        form = request.form
         upload = request.files.get("file")
         if upload is None:
             raise ApiError(400, "missing_file", "send the audio as a multipart/form-data field named 'file'",
                            param="file")
+        checked = FormFields.check(state, request.form if fields is None else fields)
+        path, size = _saved_upload(upload, settings)
+        if require_ready:
+            state.require_ready()
+        info = probe(path)
+        if info.duration is not None and info.duration > settings.max_duration_s + 1:
+            raise too_long(settings.max_duration_s)
+        options = TranscribeOptions(
+            language=checked.language, task=task, prompt=checked.prompt, temperature=checked.temperature,
+            word_timestamps="word" in checked.granularities and not legacy,
+            max_duration_s=settings.max_duration_s, duration_hint=info.duration)
+        return cls(path=path, size=size, options=options, response_format=checked.response_format,
+                   granularities=checked.granularities, filename=upload.filename or "")
+
+
+@dataclass(frozen=True)
+class FormFields:
+    """A transcription's form fields, checked (shared by uploads and upload grants)."""
+
+    response_format: str
+    granularities: tuple[str, ...]
+    language: str | None
+    temperature: float
+    prompt: str | None
+
+    @classmethod
+    def check(cls, state: ServiceState, form) -> FormFields:
         response_format = form.get("response_format", "json").strip() or "json"
         if response_format not in RESPONSE_FORMATS:
             raise ApiError(400, "invalid_response_format",
@@ -326,27 +358,16 @@ class TranscriptionParams:
                 raise ApiError(400, "invalid_timestamp_granularity",
                                "timestamp_granularities[] takes segment and/or word", param="timestamp_granularities")
         model = form.get("model", "").strip()
-        if model and model not in settings.model_aliases:
+        if model and model not in state.settings.model_aliases:
             raise ApiError(400, "model_not_found",
-                           f"this server serves {settings.model_label} (also accepted as whisper-1); got {model!r}",
-                           param="model")
-        language = _language(state, form.get("language"))
-        temperature = _temperature(form.get("temperature"))
+                           f"this server serves {state.settings.model_label} (also accepted as whisper-1); "
+                           f"got {model!r}", param="model")
         prompt = form.get("prompt") or None
         if prompt is not None and len(prompt) > 4000:
             raise ApiError(400, "prompt_too_long", "prompt must be at most 4000 characters", param="prompt")
-        path, size = _saved_upload(upload, settings)
-        if require_ready:
-            state.require_ready()
-        info = probe(path)
-        if info.duration is not None and info.duration > settings.max_duration_s + 1:
-            raise too_long(settings.max_duration_s)
-        options = TranscribeOptions(
-            language=language, task=task, prompt=prompt, temperature=temperature,
-            word_timestamps="word" in granularities and not legacy,
-            max_duration_s=settings.max_duration_s, duration_hint=info.duration)
-        return cls(path=path, size=size, options=options, response_format=response_format,
-                   granularities=granularities, filename=upload.filename or "")
+        return cls(response_format=response_format, granularities=granularities,
+                   language=_language(state, form.get("language")), temperature=_temperature(form.get("temperature")),
+                   prompt=prompt)
 
 
 def _language(state: ServiceState, raw: str | None) -> str | None:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ ANONYMOUS = Principal(key_id="anonymous", label="anonymous")
 class _Entry:
     digest: bytes
     principal: Principal
+    grant_secret: bytes  # signs this key's upload grants (grants.py); derived from the key, never sent
 
 
 def _digest(key: str) -> bytes:
@@ -45,7 +47,8 @@ def _digest(key: str) -> bytes:
 def _entry(key: str, label: str | None = None, webhook_secret: str | None = None) -> _Entry:
     digest = _digest(key)
     key_id = digest.hex()[:16]
-    return _Entry(digest, Principal(key_id=key_id, label=label or f"key-{key_id[:8]}", webhook_secret=webhook_secret))
+    return _Entry(digest, Principal(key_id=key_id, label=label or f"key-{key_id[:8]}", webhook_secret=webhook_secret),
+                  hmac.new(key.encode(), b"pilotys-whisper upload grant v1", hashlib.sha256).digest())
 
 
 def parse_keys(text: str, source: str = "keys file") -> list[_Entry]:
@@ -79,6 +82,8 @@ class KeyRing:
         self._file_entries: list[_Entry] = []
         self._file_stamp: tuple[int, int] | None = None
         self._checked_at = 0.0
+        # Without keys anyone may upload; grants still work, within this process.
+        self._anonymous_grant_secret = secrets.token_bytes(32)
         if keys_file is not None:
             self._reload(force=True)
 
@@ -125,6 +130,13 @@ class KeyRing:
             if entry.principal.key_id == key_id:
                 return entry.principal
         return ANONYMOUS if key_id == ANONYMOUS.key_id and not self.enabled else None
+
+    def grant_secret(self, key_id: str) -> bytes | None:
+        """The secret that signs a key's upload grants (None once the key is removed)."""
+        for entry in self._entries():
+            if entry.principal.key_id == key_id:
+                return entry.grant_secret
+        return self._anonymous_grant_secret if key_id == ANONYMOUS.key_id and not self.enabled else None
 
     def authenticate(self, authorization: str | None) -> Principal | None:
         if not self.enabled:

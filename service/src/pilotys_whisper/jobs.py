@@ -27,7 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.datastructures import MultiDict
 
+from . import grants
 from .engines import Cancelled, Segment, TranscribeOptions, Transcription, Word
 from .errors import ApiError
 from .formats import RESPONSE_FORMATS, render
@@ -232,27 +234,50 @@ class JobManager:
         bp.add_url_rule("/v1/jobs/<job_id>", view_func=self.show, methods=["GET"])
         bp.add_url_rule("/v1/jobs/<job_id>", view_func=self.cancel, methods=["DELETE"])
         bp.add_url_rule("/v1/jobs/<job_id>/result", view_func=self.result, methods=["GET"])
+        bp.add_url_rule("/v1/uploads", view_func=self.grant_upload, methods=["POST"])
         return bp
+
+    def grant_upload(self):
+        """An upload grant (grants.py): a token a browser uses to create one job without the API key."""
+        from .app import FormFields
+
+        principal = self.state.authenticate()
+        body = request.get_json(silent=True) if request.is_json else request.form.to_dict(flat=False)
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_body", "send the grant's options as a JSON object (or a form)")
+        body = {k: (v[0] if isinstance(v, list) and len(v) == 1 and k != "timestamp_granularities[]" else v)
+                for k, v in body.items()}
+        fields = grants.requested_fields(body)
+        FormFields.check(self.state, MultiDict(fields))
+        if fields.get("callback_url"):
+            self._check_callback(principal, str(fields["callback_url"]))
+        idempotency_key = self._idempotency_key(body.get("idempotency_key"), param="idempotency_key")
+        token, grant = grants.issue(self.state.keyring, principal, fields, idempotency_key=idempotency_key,
+                                    ttl_s=grants.ttl(body))
+        return jsonify(object="upload_grant", token=token, upload_url="/v1/jobs", method="POST",
+                       expires_at=_iso(grant.expires_at), idempotency_key=grant.idempotency_key), 201
 
     def submit(self):
         from .app import TranscriptionParams
 
-        principal = self.state.authenticate()
-        idempotency_key = request.headers.get("Idempotency-Key", "").strip() or None
-        if idempotency_key is not None and len(idempotency_key) > 255:
-            raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters")
+        authorization = request.headers.get("Authorization")
+        if grants.is_grant(authorization):
+            # A browser with an upload grant: the options and the idempotency key are the grant's, not the form's.
+            grant = grants.verify(self.state.keyring, authorization)
+            g.principal = principal = grant.principal
+            idempotency_key, fields = grant.idempotency_key, MultiDict(grant.fields)
+        else:
+            principal = self.state.authenticate()
+            idempotency_key = self._idempotency_key(request.headers.get("Idempotency-Key"), param=None)
+            fields = request.form
         if idempotency_key:
             existing = self._by_idempotency_key(principal.key_id, idempotency_key)
             if existing is not None:
                 return self._replayed(existing)
-        callback_url = (request.form.get("callback_url") or "").strip() or None
+        callback_url = (fields.get("callback_url") or "").strip() or None
         if callback_url:
-            if not principal.webhook_secret:
-                raise ApiError(400, "webhook_secret_missing",
-                               "no webhook secret is configured for this API key: ask the operator to set one "
-                               "(webhook_secret= in the keys file) or poll the job instead", param="callback_url")
-            self.policy.check(callback_url)
-        params = TranscriptionParams.parse(self.state, require_ready=False)
+            self._check_callback(principal, callback_url)
+        params = TranscriptionParams.parse(self.state, require_ready=False, fields=fields)
         self._check_free_space(params.size)
         job_id = "job_" + uuid.uuid4().hex
         options = {k: v for k, v in asdict(params.options).items() if k != "max_duration_s"}
@@ -351,6 +376,21 @@ class JobManager:
         if row is None:  # another key's job looks exactly like a missing one
             raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
         return row
+
+    @staticmethod
+    def _idempotency_key(raw, param: str | None) -> str | None:
+        key = raw.strip() if isinstance(raw, str) else None
+        if (raw is not None and not isinstance(raw, str)) or (key is not None and len(key) > 255):
+            raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be a string of at most 255 characters",
+                           param=param)
+        return key or None
+
+    def _check_callback(self, principal, callback_url: str) -> None:
+        if not principal.webhook_secret:
+            raise ApiError(400, "webhook_secret_missing",
+                           "no webhook secret is configured for this API key: ask the operator to set one "
+                           "(webhook_secret= in the keys file) or poll the job instead", param="callback_url")
+        self.policy.check(callback_url)
 
     def _by_idempotency_key(self, owner: str, key: str):
         return self._one("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key))

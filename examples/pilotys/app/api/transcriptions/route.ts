@@ -1,10 +1,11 @@
-// Next.js App Router: POST /api/transcriptions (multipart: file, meetingId). Returns at once with the job id;
-// the transcript arrives later at /api/whisper-webhook. Runs well within Vercel's 10 s (Hobby) limit.
-import { createUploadHandler } from "../../../src/whisper.js";
+// Next.js App Router: POST /api/transcriptions (JSON: {"meetingId": "..."}). Answers with an upload grant;
+// the browser then sends the recording straight to pilotys-whisper (`uploadWithGrant` from src/upload.ts),
+// since a Vercel function refuses bodies over 4.5 MB. The transcript arrives later at /api/whisper-webhook.
+import { createUploadGrantHandler } from "../../../src/whisper.js";
 
-export const maxDuration = 60;
-
-export const POST = createUploadHandler({
+export const POST = createUploadGrantHandler({
   callbackUrl: process.env.WHISPER_CALLBACK_URL, // e.g. https://app.pilotys.fr/api/whisper-webhook
   language: "fr",
+  // A grant spends the server's time: keep this route behind PILOTYS's session check (its middleware, or an
+  // `authorize: async (request) => ...` option here).
 });

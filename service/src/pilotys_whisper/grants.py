@@ -1,0 +1,130 @@
+"""Upload grants: let a browser send a recording straight to this service without ever holding the API key.
+
+PILOTYS runs on Vercel, whose functions refuse request bodies over 4.5 MB: an hour of meeting (15-60 MB)
+cannot pass through them. So the function asks this service for a grant (a small request, with the API
+key), hands the grant to the browser, and the browser uploads the file to POST /v1/jobs with it.
+
+A grant is a signed, short-lived token that allows one thing: creating one job, with the options fixed
+when it was issued (language, callback URL, ...), owned by the key that asked for it. It is stateless:
+signed with a secret derived from that key, so every worker holding the same keys file accepts it, and
+removing the key revokes its grants. It always carries an idempotency key, so a grant used twice (a retry,
+or a leaked token) yields the same job, never a second transcription.
+
+Format: `wug1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(grant secret, "wug1.<claims>"))>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from .auth import KeyRing, Principal
+from .errors import ApiError
+
+PREFIX = "wug1."
+DEFAULT_TTL_S = 900
+MAX_TTL_S = 3600
+# What a grant may fix: the same fields a client sends to POST /v1/jobs.
+FIELDS = ("language", "prompt", "response_format", "temperature", "timestamp_granularities[]", "callback_url")
+
+
+@dataclass(frozen=True)
+class Grant:
+    principal: Principal
+    idempotency_key: str
+    fields: dict[str, str | list[str]]
+    expires_at: int
+
+
+def is_grant(authorization: str | None) -> bool:
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and token.strip().startswith(PREFIX)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _signature(secret: bytes, signed: str) -> bytes:
+    return hmac.new(secret, signed.encode(), hashlib.sha256).digest()
+
+
+def issue(keyring: KeyRing, principal: Principal, fields: dict[str, str | list[str]], *,
+          idempotency_key: str | None, ttl_s: int) -> tuple[str, Grant]:
+    """A token for `principal` (authenticated with its key just before) to create one job."""
+    secret = keyring.grant_secret(principal.key_id)
+    if secret is None:  # the key was removed between authentication and now
+        raise ApiError(401, "invalid_api_key", "the API key is not valid")
+    grant = Grant(principal=principal, idempotency_key=idempotency_key or "grant-" + secrets.token_urlsafe(16),
+                  fields=fields, expires_at=int(time.time()) + ttl_s)
+    claims = {"kid": principal.key_id, "idem": grant.idempotency_key, "exp": grant.expires_at, "fields": fields}
+    signed = PREFIX + _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    return f"{signed}.{_b64(_signature(secret, signed))}", grant
+
+
+def verify(keyring: KeyRing, authorization: str) -> Grant:
+    """The grant in an `Authorization: Bearer wug1...` header, or a 401 that says what is wrong with it."""
+    token = authorization.partition(" ")[2].strip()
+    signed, _, signature = token.rpartition(".")
+    invalid = ApiError(401, "invalid_upload_grant", "the upload grant is not valid; ask for a new one",
+                       headers={"WWW-Authenticate": 'Bearer realm="whisper", error="invalid_token"'})
+    try:
+        claims = json.loads(_unb64(signed[len(PREFIX):]))
+        key_id, expires_at = str(claims["kid"]), int(claims["exp"])
+        idempotency_key, fields = str(claims["idem"]), dict(claims["fields"])
+        given = _unb64(signature)
+    except (ValueError, KeyError, TypeError):
+        raise invalid from None
+    secret = keyring.grant_secret(key_id)
+    # A removed key's grants fail here, exactly like forged ones.
+    if secret is None or not hmac.compare_digest(given, _signature(secret, signed)):
+        raise invalid
+    if expires_at < time.time():
+        raise ApiError(401, "upload_grant_expired", "the upload grant has expired; ask for a new one",
+                       headers={"WWW-Authenticate": 'Bearer realm="whisper", error="invalid_token"'})
+    principal = keyring.principal_for(key_id)
+    assert principal is not None  # it has a grant secret
+    return Grant(principal=principal, idempotency_key=idempotency_key, fields=fields, expires_at=expires_at)
+
+
+def requested_fields(body: dict) -> dict[str, str | list[str]]:
+    """The job options asked for in POST /v1/uploads, in the form POST /v1/jobs takes them."""
+    unknown = sorted(set(body) - set(FIELDS) - {"timestamp_granularities", "idempotency_key", "expires_in"})
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(unknown)}; an upload grant takes "
+                       f"{', '.join(FIELDS)}, idempotency_key and expires_in", param=unknown[0])
+    fields: dict[str, str | list[str]] = {}
+    for name in FIELDS:
+        value = body.get(name if name != "timestamp_granularities[]" else "timestamp_granularities",
+                         body.get(name))
+        if value is None or value == "":
+            continue
+        if name == "timestamp_granularities[]":
+            items = value if isinstance(value, list) else [value]
+            fields[name] = [str(v) for v in items]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            fields[name] = str(value)
+        else:
+            raise ApiError(400, "invalid_field", f"{name} must be a string", param=name)
+    return fields
+
+
+def ttl(body: dict) -> int:
+    raw = body.get("expires_in", DEFAULT_TTL_S)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    if not 60 <= value <= MAX_TTL_S or isinstance(raw, bool):
+        raise ApiError(400, "invalid_expires_in", f"expires_in must be a number of seconds from 60 to {MAX_TTL_S}",
+                       param="expires_in")
+    return value
