@@ -99,14 +99,8 @@ export async function submitJob(
   return (await response.json()) as Job;
 }
 
-export interface GrantOptions {
-  language?: string;
-  prompt?: string;
-  responseFormat?: ResultFormat;
-  wordTimestamps?: boolean;
-  callbackUrl?: string;
-  /** The meeting's own key: every upload made with grants for it yields the same job. */
-  idempotencyKey?: string;
+/** The job's options, fixed by the grant (the browser names only the file). */
+export interface GrantOptions extends Omit<SubmitOptions, "filename"> {
   /** Seconds the grant stays valid (60-3600; the server's default is 900). */
   expiresIn?: number;
 }
