@@ -16,9 +16,10 @@ ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 MANAGED = "Managed by Ansible (tests)"
 
 
-def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None,
-             hosts: dict | None = None) -> subprocess.CompletedProcess:
-    """Run TASKS on HOSTS ({name: host vars}, one local host by default) with EXTRA_VARS; never raises."""
+def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts: dict | None = None,
+             check: bool = False) -> subprocess.CompletedProcess:
+    """Run TASKS on HOSTS ({name: host vars}, one local host by default) with EXTRA_VARS, in check mode with
+    CHECK; never raises."""
     hosts = hosts or {"testhost": {}}
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = {"all": {"hosts": {name: {**local, **values} for name, values in hosts.items()}}}
@@ -28,7 +29,7 @@ def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None,
     (tmp_path / "vars.json").write_text(json.dumps({"ansible_managed": MANAGED, **(extra_vars or {})}))
     return subprocess.run(
         [ANSIBLE_PLAYBOOK, "-i", str(tmp_path / "inventory.yml"), "-e", f"@{tmp_path / 'vars.json'}",
-         str(tmp_path / "play.yml")],
+         str(tmp_path / "play.yml"), *(["--check"] if check else [])],
         check=False, capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
              "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
@@ -48,7 +49,7 @@ def render(role: str, template: str, tmp_path: Path, extra_vars: dict | None = N
 
 
 def run_role_tasks(role: str, tasks_from: str, tmp_path: Path, extra_vars: dict | None = None,
-                   hosts: dict | None = None) -> subprocess.CompletedProcess:
+                   hosts: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """ROLE's tasks file TASKS_FROM (e.g. preflight) on local HOSTS, with the role's defaults under EXTRA_VARS."""
     return run_play([{"name": "Include the role's tasks", "ansible.builtin.include_role": {
-        "name": role, "tasks_from": tasks_from}}], tmp_path, extra_vars, hosts)
+        "name": role, "tasks_from": tasks_from}}], tmp_path, extra_vars, hosts, check)
