@@ -1,7 +1,9 @@
 """The whisper_service role's templates and preflight, run by Ansible on the controller (no host)."""
 
+import sys
+
 import pytest
-from local_play import render, run_role_tasks
+from local_play import ROOT, render, run_role_tasks
 
 CONTAINER = {"whisper_service_deployment": "container"}
 
@@ -63,3 +65,62 @@ def test_preflight_finds_the_nvidia_cdi_spec(tmp_path, device, check):
 def test_preflight_lets_auto_run_on_a_cpu_only_host(tmp_path):
     passed(preflight(tmp_path, {**CONTAINER, "whisper_service_device": "auto",
                                 "_whisper_service_cdi_dirs": [str(tmp_path / "absent")]}))
+
+
+# --- API keys: what the preflight lets through, the service can read ---
+
+def parse_keys(text: str):
+    """The service's own parser of the keys file (service/src, standard library only)."""
+    sys.path.insert(0, str(ROOT / "service" / "src"))
+    try:
+        from pilotys_whisper.auth import parse_keys as service_parse_keys
+    finally:
+        sys.path.remove(str(ROOT / "service" / "src"))
+    return service_parse_keys(text, "api-keys")
+
+
+VALID_KEYS = [
+    {"key": "k" * 40, "label": "pilotys-prod", "webhook_secret": "s3cr=t/with+punctuation"},
+    {"key": "0123456789abcdef", "label": "ops=2"},
+    {"key": "Zz9" * 10, "webhook_secret": ""},
+    {"key": "no-label-but-a-secret-1234", "webhook_secret": "w" * 40},
+]
+
+
+def test_the_service_reads_the_rendered_keys_file(tmp_path):
+    passed(preflight(tmp_path, {"whisper_service_api_keys": VALID_KEYS}))
+    text = render("whisper_service", "api-keys.j2", tmp_path, {"_whisper_service_keys": VALID_KEYS})
+    entries = parse_keys(text)
+    assert [(e.principal.label, e.principal.webhook_secret) for e in entries] == [
+        ("pilotys-prod", "s3cr=t/with+punctuation"),
+        ("ops=2", None),
+        (entries[2].principal.label, None),  # no label: the service names it after the key's id
+        (entries[3].principal.label, "w" * 40),
+    ]
+    assert entries[2].principal.label.startswith("key-")
+
+
+@pytest.mark.parametrize(("entry", "shown"), [
+    ({"key": "k" * 40, "label": "pilotys prod"}, 'label "pilotys prod"'),
+    ({"key": "k" * 40, "label": "pilotys\nprod"}, 'label "pilotys\\nprod"'),
+    ({"key": "k" * 40, "label": ""}, 'label ""'),
+    ({"key": "k" * 40, "label": "ok", "webhook_secret": "two words-secret"}, 'label "ok"'),
+    ({"key": "k" * 40, "webhook_secret": "line\nbreak-secret"}, "no label"),
+    ({"key": "#" + "k" * 40}, "no label"),  # the service would take the line for a comment
+    ({"key": "k" * 40 + " x"}, "no label"),
+    ({"key": "short"}, "no label"),
+])
+def test_preflight_refuses_what_the_service_cannot_read(tmp_path, entry, shown):
+    out = failed(preflight(tmp_path, {"whisper_service_api_keys": [VALID_KEYS[0], entry]}))
+    assert f"whisper_service_api_keys entry 2 ({shown})" in out
+    assert "without spaces, tabs or newlines" in out
+    for secret in (VALID_KEYS[0]["key"], VALID_KEYS[0]["webhook_secret"], entry.get("webhook_secret", "k" * 40)):
+        assert secret not in out
+
+
+def test_the_service_cannot_read_a_label_with_a_space(tmp_path):
+    """Why the preflight refuses it: the keys file is split at whitespace."""
+    text = render("whisper_service", "api-keys.j2", tmp_path,
+                  {"_whisper_service_keys": [{"key": "k" * 40, "label": "pilotys prod"}]})
+    with pytest.raises(ValueError, match="unknown option 'prod'"):
+        parse_keys(text)
