@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,9 @@ def run_role_tasks(role: str, tasks_from: str, tmp_path: Path, extra_vars: dict 
     """ROLE's tasks file TASKS_FROM (e.g. preflight) on local HOSTS, with the role's defaults under EXTRA_VARS."""
     return run_play([{"name": "Include the role's tasks", "ansible.builtin.include_role": {
         "name": role, "tasks_from": tasks_from}}], tmp_path, extra_vars, hosts, check)
+
+
+def recap(output: str) -> dict:
+    """The PLAY RECAP of OUTPUT: {host: {"ok": n, "changed": n, "failed": n, ...}}."""
+    return {host: {name: int(n) for name, n in re.findall(r"(\w+)=(\d+)", counts)}
+            for host, counts in re.findall(r"^(\S+)\s+: (ok=.*)$", output, re.MULTILINE)}

@@ -3,7 +3,7 @@
 import sys
 
 import pytest
-from local_play import ROOT, render, run_role_tasks
+from local_play import ROOT, recap, render, run_role_tasks
 
 CONTAINER = {"whisper_service_deployment": "container"}
 
@@ -124,3 +124,32 @@ def test_the_service_cannot_read_a_label_with_a_space(tmp_path):
                   {"_whisper_service_keys": [{"key": "k" * 40, "label": "pilotys prod"}]})
     with pytest.raises(ValueError, match="unknown option 'prod'"):
         parse_keys(text)
+
+
+# --- The model directory, checked for each host ---
+
+def model_dir(tmp_path, name="model"):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "model.bin").write_bytes(b"weights")
+    (path / "SHA256SUMS").write_text("0" * 64 + "  model.bin\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_each_host_checks_its_own_model_directory(tmp_path, check):
+    """The first host downloads its model by name; the others ship a directory each."""
+    done = preflight(tmp_path, hosts={"by-name": {}, "shipped": {"whisper_service_model_src": model_dir(tmp_path)},
+                                      "other": {"whisper_service_model_src": model_dir(tmp_path, "other")}},
+                     check=check)
+    passed(done)
+
+
+def test_a_later_host_with_a_missing_model_directory_fails(tmp_path):
+    done = preflight(tmp_path, hosts={"shipped": {"whisper_service_model_src": model_dir(tmp_path)},
+                                      "missing": {"whisper_service_model_src": str(tmp_path / "absent")}})
+    out = failed(done)
+    assert f"whisper_service_model_src={tmp_path / 'absent'} must be a model directory with a SHA256SUMS" in out
+    hosts = recap(out)
+    assert hosts["missing"]["failed"] == 1
+    assert hosts["shipped"]["failed"] == 0
