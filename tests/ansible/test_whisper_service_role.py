@@ -153,3 +153,16 @@ def test_a_later_host_with_a_missing_model_directory_fails(tmp_path):
     hosts = recap(out)
     assert hosts["missing"]["failed"] == 1
     assert hosts["shipped"]["failed"] == 0
+
+
+# --- The listening address ---
+
+def test_preflight_accepts_the_ipv4_loopback(tmp_path):
+    passed(preflight(tmp_path, {"whisper_service_host": "127.0.0.1"}))
+
+
+@pytest.mark.parametrize("host", ["::1", "localhost", "127.0.0.2", "0.0.0.0"])
+def test_preflight_refuses_addresses_the_play_cannot_reach(tmp_path, host):
+    """Caddy's upstream, the readiness wait and deploy.yml use 127.0.0.1: anything else would time out."""
+    out = failed(preflight(tmp_path, {"whisper_service_host": host}))
+    assert f"whisper_service_host={host}: the service must listen on the IPv4 loopback address 127.0.0.1" in out
