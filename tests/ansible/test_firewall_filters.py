@@ -35,3 +35,12 @@ def test_opened_ports():
     assert firewall.firewall_opened_ports([{"port": "7000:9000", "proto": "udp"}], [8000, 9100]) == [8000]
     assert firewall.firewall_opened_ports([{"from": "10.0.0.0/8"}], [8000]) == [8000]  # no port: all ports
     assert firewall.firewall_opened_ports([{"port": 8000, "rule": "deny"}], [8000]) == []
+
+
+def test_multiport_without_proto():
+    rules = [{"port": "22", "proto": "tcp"}, {"port": "80,443", "proto": "tcp"}, {"port": "7000:7010", "proto": "udp"},
+             {"port": 8000}, {"port": "9000"}, {"from": "10.0.0.0/8"}, {"port": "5000", "proto": "any"}]
+    assert firewall.firewall_multiport_without_proto(rules) == []
+    assert firewall.firewall_multiport_without_proto(
+        [{"port": "8000:8010"}, {"port": "80,443", "proto": "any"}, {"port": "60000:61000", "proto": "tcp"}]
+    ) == ["8000:8010", "80,443"]

@@ -73,6 +73,14 @@ def firewall_opened_ports(rules, ports):
     return sorted(opened)
 
 
+def firewall_multiport_without_proto(rules):
+    """The port specs of RULES that name several ports (a range, a comma list) without proto tcp or udp:
+    ufw refuses them ("Must specify 'tcp' or 'udp' with multiple ports")."""
+    return [str(rule.get("port")) for rule in rules or []
+            if any(sep in str(rule.get("port", "")) for sep in (",", ":"))
+            and str(rule.get("proto", "any")) not in ("tcp", "udp")]
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -80,4 +88,5 @@ class FilterModule:
             "firewall_ipv6_sources": firewall_ipv6_sources,
             "firewall_address_in": firewall_address_in,
             "firewall_opened_ports": firewall_opened_ports,
+            "firewall_multiport_without_proto": firewall_multiport_without_proto,
         }

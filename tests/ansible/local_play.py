@@ -1,0 +1,62 @@
+"""Run a role's templates and preflight tasks on the controller itself (connection local, no host, no become),
+so that tests see what Ansible really renders and asserts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
+MANAGED = "Managed by Ansible (tests)"
+
+
+def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts: dict | None = None,
+             check: bool = False) -> subprocess.CompletedProcess:
+    """Run TASKS on HOSTS ({name: host vars}, one local host by default) with EXTRA_VARS, in check mode with
+    CHECK; never raises."""
+    hosts = hosts or {"testhost": {}}
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {"all": {"hosts": {name: {**local, **values} for name, values in hosts.items()}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(
+        [{"name": "Run under test", "hosts": "all", "gather_facts": False, "tasks": tasks}], sort_keys=False))
+    (tmp_path / "vars.json").write_text(json.dumps({"ansible_managed": MANAGED, **(extra_vars or {})}))
+    return subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", str(tmp_path / "inventory.yml"), "-e", f"@{tmp_path / 'vars.json'}",
+         str(tmp_path / "play.yml"), *(["--check"] if check else [])],
+        check=False, capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+             "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
+
+
+def render(role: str, template: str, tmp_path: Path, extra_vars: dict | None = None) -> str:
+    """TEMPLATE of ROLE rendered with the role's defaults and vars, overridden by EXTRA_VARS."""
+    role_dir = ROOT / "roles" / role
+    out = tmp_path / template.removesuffix(".j2")
+    tasks = [{"name": f"Load {part}", "ansible.builtin.include_vars": {"file": str(role_dir / part / "main.yml")}}
+             for part in ("defaults", "vars") if (role_dir / part / "main.yml").is_file()]
+    tasks.append({"name": "Render", "ansible.builtin.template": {
+        "src": str(role_dir / "templates" / template), "dest": str(out), "mode": "0600"}})
+    done = run_play(tasks, tmp_path, extra_vars)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out.read_text()
+
+
+def run_role_tasks(role: str, tasks_from: str, tmp_path: Path, extra_vars: dict | None = None,
+                   hosts: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """ROLE's tasks file TASKS_FROM (e.g. preflight) on local HOSTS, with the role's defaults under EXTRA_VARS."""
+    return run_play([{"name": "Include the role's tasks", "ansible.builtin.include_role": {
+        "name": role, "tasks_from": tasks_from}}], tmp_path, extra_vars, hosts, check)
+
+
+def recap(output: str) -> dict:
+    """The PLAY RECAP of OUTPUT: {host: {"ok": n, "changed": n, "failed": n, ...}}."""
+    return {host: {name: int(n) for name, n in re.findall(r"(\w+)=(\d+)", counts)}
+            for host, counts in re.findall(r"^(\S+)\s+: (ok=.*)$", output, re.MULTILINE)}

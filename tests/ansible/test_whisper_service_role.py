@@ -1,0 +1,168 @@
+"""The whisper_service role's templates and preflight, run by Ansible on the controller (no host)."""
+
+import sys
+
+import pytest
+from local_play import ROOT, recap, render, run_role_tasks
+
+CONTAINER = {"whisper_service_deployment": "container"}
+
+
+def preflight(tmp_path, extra_vars=None, hosts=None, check=False):
+    return run_role_tasks("whisper_service", "preflight", tmp_path, extra_vars, hosts, check)
+
+
+def failed(done) -> str:
+    """The output of a run that must have failed (for the operator's message in it)."""
+    assert done.returncode != 0, done.stdout
+    return done.stdout
+
+
+def passed(done):
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- The container's GPU (CDI) ---
+
+@pytest.mark.parametrize(("device", "cdi_specs", "gpu"), [
+    ("cpu", 1, False),
+    ("auto", 0, False),  # a CPU-only host
+    ("auto", 1, True),
+    ("cuda", 1, True),
+])
+def test_container_gets_the_gpu_only_through_a_cdi_spec(tmp_path, device, cdi_specs, gpu):
+    unit = render("whisper_service", "whisper-service-container.service.j2", tmp_path, {
+        **CONTAINER, "whisper_service_device": device, "_whisper_service_cdi_specs": {"matched": cdi_specs}})
+    assert ("--device nvidia.com/gpu=all" in unit) is gpu
+    assert "\\\n  localhost/pilotys-whisper:latest\n" in unit  # the command line still ends with the image
+
+
+def test_container_without_the_preflight_gets_no_gpu_with_auto(tmp_path):
+    unit = render("whisper_service", "whisper-service-container.service.j2", tmp_path,
+                  {**CONTAINER, "whisper_service_device": "auto"})
+    assert "--device" not in unit
+
+
+def test_preflight_refuses_cuda_in_a_container_without_a_cdi_spec(tmp_path):
+    cdi = tmp_path / "cdi"
+    cdi.mkdir()
+    (cdi / "other-vendor.yaml").write_text("cdiVersion: 0.5.0\n")
+    out = failed(preflight(tmp_path, {**CONTAINER, "whisper_service_device": "cuda",
+                                      "_whisper_service_cdi_dirs": [str(cdi), str(tmp_path / "absent")]}))
+    assert "nvidia-container-toolkit" in out
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in out
+
+
+@pytest.mark.parametrize(("device", "check"), [("cuda", False), ("auto", False), ("cuda", True)])
+def test_preflight_finds_the_nvidia_cdi_spec(tmp_path, device, check):
+    cdi = tmp_path / "run-cdi"
+    cdi.mkdir()
+    (cdi / "nvidia.json").write_text("{}\n")
+    passed(preflight(tmp_path, {**CONTAINER, "whisper_service_device": device,
+                                "_whisper_service_cdi_dirs": [str(tmp_path / "absent"), str(cdi)]}, check=check))
+
+
+def test_preflight_lets_auto_run_on_a_cpu_only_host(tmp_path):
+    passed(preflight(tmp_path, {**CONTAINER, "whisper_service_device": "auto",
+                                "_whisper_service_cdi_dirs": [str(tmp_path / "absent")]}))
+
+
+# --- API keys: what the preflight lets through, the service can read ---
+
+def parse_keys(text: str):
+    """The service's own parser of the keys file (service/src, standard library only)."""
+    sys.path.insert(0, str(ROOT / "service" / "src"))
+    try:
+        from pilotys_whisper.auth import parse_keys as service_parse_keys
+    finally:
+        sys.path.remove(str(ROOT / "service" / "src"))
+    return service_parse_keys(text, "api-keys")
+
+
+VALID_KEYS = [
+    {"key": "k" * 40, "label": "pilotys-prod", "webhook_secret": "s3cr=t/with+punctuation"},
+    {"key": "0123456789abcdef", "label": "ops=2"},
+    {"key": "Zz9" * 10, "webhook_secret": ""},
+    {"key": "no-label-but-a-secret-1234", "webhook_secret": "w" * 40},
+]
+
+
+def test_the_service_reads_the_rendered_keys_file(tmp_path):
+    passed(preflight(tmp_path, {"whisper_service_api_keys": VALID_KEYS}))
+    text = render("whisper_service", "api-keys.j2", tmp_path, {"_whisper_service_keys": VALID_KEYS})
+    entries = parse_keys(text)
+    assert [(e.principal.label, e.principal.webhook_secret) for e in entries] == [
+        ("pilotys-prod", "s3cr=t/with+punctuation"),
+        ("ops=2", None),
+        (entries[2].principal.label, None),  # no label: the service names it after the key's id
+        (entries[3].principal.label, "w" * 40),
+    ]
+    assert entries[2].principal.label.startswith("key-")
+
+
+@pytest.mark.parametrize(("entry", "shown"), [
+    ({"key": "k" * 40, "label": "pilotys prod"}, 'label "pilotys prod"'),
+    ({"key": "k" * 40, "label": "pilotys\nprod"}, 'label "pilotys\\nprod"'),
+    ({"key": "k" * 40, "label": ""}, 'label ""'),
+    ({"key": "k" * 40, "label": "ok", "webhook_secret": "two words-secret"}, 'label "ok"'),
+    ({"key": "k" * 40, "webhook_secret": "line\nbreak-secret"}, "no label"),
+    ({"key": "#" + "k" * 40}, "no label"),  # the service would take the line for a comment
+    ({"key": "k" * 40 + " x"}, "no label"),
+    ({"key": "short"}, "no label"),
+])
+def test_preflight_refuses_what_the_service_cannot_read(tmp_path, entry, shown):
+    out = failed(preflight(tmp_path, {"whisper_service_api_keys": [VALID_KEYS[0], entry]}))
+    assert f"whisper_service_api_keys entry 2 ({shown})" in out
+    assert "without spaces, tabs or newlines" in out
+    for secret in (VALID_KEYS[0]["key"], VALID_KEYS[0]["webhook_secret"], entry.get("webhook_secret", "k" * 40)):
+        assert secret not in out
+
+
+def test_the_service_cannot_read_a_label_with_a_space(tmp_path):
+    """Why the preflight refuses it: the keys file is split at whitespace."""
+    text = render("whisper_service", "api-keys.j2", tmp_path,
+                  {"_whisper_service_keys": [{"key": "k" * 40, "label": "pilotys prod"}]})
+    with pytest.raises(ValueError, match="unknown option 'prod'"):
+        parse_keys(text)
+
+
+# --- The model directory, checked for each host ---
+
+def model_dir(tmp_path, name="model"):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "model.bin").write_bytes(b"weights")
+    (path / "SHA256SUMS").write_text("0" * 64 + "  model.bin\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_each_host_checks_its_own_model_directory(tmp_path, check):
+    """The first host downloads its model by name; the others ship a directory each."""
+    done = preflight(tmp_path, hosts={"by-name": {}, "shipped": {"whisper_service_model_src": model_dir(tmp_path)},
+                                      "other": {"whisper_service_model_src": model_dir(tmp_path, "other")}},
+                     check=check)
+    passed(done)
+
+
+def test_a_later_host_with_a_missing_model_directory_fails(tmp_path):
+    done = preflight(tmp_path, hosts={"shipped": {"whisper_service_model_src": model_dir(tmp_path)},
+                                      "missing": {"whisper_service_model_src": str(tmp_path / "absent")}})
+    out = failed(done)
+    assert f"whisper_service_model_src={tmp_path / 'absent'} must be a model directory with a SHA256SUMS" in out
+    hosts = recap(out)
+    assert hosts["missing"]["failed"] == 1
+    assert hosts["shipped"]["failed"] == 0
+
+
+# --- The listening address ---
+
+def test_preflight_accepts_the_ipv4_loopback(tmp_path):
+    passed(preflight(tmp_path, {"whisper_service_host": "127.0.0.1"}))
+
+
+@pytest.mark.parametrize("host", ["::1", "localhost", "127.0.0.2", "0.0.0.0"])
+def test_preflight_refuses_addresses_the_play_cannot_reach(tmp_path, host):
+    """Caddy's upstream, the readiness wait and deploy.yml use 127.0.0.1: anything else would time out."""
+    out = failed(preflight(tmp_path, {"whisper_service_host": host}))
+    assert f"whisper_service_host={host}: the service must listen on the IPv4 loopback address 127.0.0.1" in out
