@@ -53,9 +53,10 @@ def test_packages(host, name):
     assert host.package(name).is_installed
 
 
-def test_api_keys_are_root_only(host):
-    keys = host.file("/etc/whisper-service/api-keys")
-    assert keys.user == "root" and keys.group == "root" and keys.mode == 0o600
+@pytest.mark.parametrize("name", ["api-keys", "environment"])
+def test_secrets_and_settings_are_root_only(host, name):
+    path = host.file(f"/etc/whisper-service/{name}")
+    assert path.user == "root" and path.group == "root" and path.mode == 0o600
 
 
 def test_model_is_verified_on_the_host(host):
