@@ -22,6 +22,23 @@ def test_model_directory_and_label(tmp_path):
     assert {"whisper-1", "whisper-small", "small"} <= s.model_aliases
 
 
+def test_openai_whisper_model_directory_holds_one_checkpoint(tmp_path):
+    # The Ansible role points WHISPER_MODEL at a directory for both engines; openai-whisper loads its one .pt.
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"")
+    env = {"WHISPER_ENGINE": "openai-whisper", "WHISPER_MODEL": str(model)}
+    with pytest.raises(SettingsError, match=r"no openai-whisper checkpoint \(\*\.pt\).*WHISPER_ENGINE=faster-whisper"):
+        Settings.from_env(env)
+    (model / "base.pt").write_bytes(b"")
+    assert Settings.from_env(env).model_label == "whisper-base"
+    (model / "large-v3.pt").write_bytes(b"")
+    with pytest.raises(SettingsError, match="several checkpoints .*base.pt, large-v3.pt"):
+        Settings.from_env(env)
+    assert Settings.from_env({"WHISPER_ENGINE": "openai-whisper", "WHISPER_MODEL": str(model / "base.pt")}
+                             ).model_label == "whisper-base"
+
+
 @pytest.mark.parametrize("name, value, words", [
     ("WHISPER_PORT", "eighty", "whole number"),
     ("WHISPER_PORT", "70000", "between 0 and 65535"),

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from . import __version__
 from .settings import Settings, SettingsError
@@ -79,18 +81,42 @@ def cmd_check_config(_args) -> int:
 
 
 def cmd_fetch_model(args) -> int:
-    """Download a model by name from the Hugging Face Hub into a directory (provisioning time, not start)."""
+    """Download a model by name into a directory (provisioning time, not start): from the Hugging Face Hub for
+    faster-whisper, from OpenAI's site for openai-whisper."""
     _configure_logging("INFO")
     if args.engine == "openai-whisper":
-        import whisper
-
-        path = whisper._download(whisper._MODELS[args.name], args.output, in_memory=False)  # noqa: SLF001
+        path = _fetch_openai_checkpoint(args.name, Path(args.output))
     else:
         from faster_whisper.utils import download_model
 
         path = download_model(args.name, output_dir=args.output)
     print(path)
     return 0
+
+
+def _fetch_openai_checkpoint(name: str, output: Path) -> Path:
+    """Download an official openai-whisper checkpoint as OUTPUT/NAME.pt, the directory's only checkpoint.
+
+    openai-whisper names the file after its URL (`large` and `turbo` are large-v3.pt and large-v3-turbo.pt):
+    the fixed name is what the Ansible role checks for, and what the engine reads the alignment heads by.
+    """
+    import whisper
+
+    if name not in whisper._MODELS:  # noqa: SLF001
+        raise SystemExit(f"whisper-service: {name!r} is not an openai-whisper model name: "
+                         f"{', '.join(whisper.available_models())}")
+    target = output / f"{name}.pt"
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output, prefix=".download-") as partial:
+        # _download verifies the SHA-256 that the URL carries.
+        downloaded = whisper._download(whisper._MODELS[name], partial, in_memory=False)  # noqa: SLF001
+        os.chmod(downloaded, 0o644)
+        os.replace(downloaded, target)
+    # An earlier release left it under the URL's name (large-v3.pt for `large`): the engine wants one checkpoint.
+    stale = output / Path(whisper._MODELS[name]).name  # noqa: SLF001
+    if stale != target:
+        stale.unlink(missing_ok=True)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,13 @@ class Settings:
         if settings.job_backend == "postgresql" and not (settings.job_database and settings.state_dir):
             raise SettingsError("WHISPER_JOB_BACKEND=postgresql needs WHISPER_JOB_DATABASE_URL (or "
                                 "WHISPER_JOB_DATABASE_URL_FILE) and WHISPER_STATE_DIR (the local spool)")
+        if settings.engine == "openai-whisper" and Path(settings.model).is_dir():
+            from .engines.openai import checkpoint_in
+
+            try:
+                checkpoint_in(Path(settings.model))
+            except ValueError as exc:
+                raise SettingsError(f"WHISPER_MODEL={settings.model} (WHISPER_ENGINE=openai-whisper): {exc}") from None
         if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
             raise SettingsError(f"WHISPER_API_KEYS_FILE={settings.api_keys_file} is not a readable file")
         return settings
@@ -193,7 +200,7 @@ def _job_database(r: _Reader) -> Secret | None:
 
 def _default_label(model: str) -> str:
     name = Path(model).name if ("/" in model or model.startswith(".")) else model
-    name = name.removeprefix("faster-whisper-").removeprefix("whisper-")
+    name = name.removeprefix("faster-whisper-").removeprefix("whisper-").removesuffix(".pt")
     return f"whisper-{name}"
 
 
@@ -203,7 +210,8 @@ def _check_model(value: str) -> str | None:
     path = Path(value)
     if path.is_dir() or path.is_file():
         return None
-    return f"must be a model name ({', '.join(MODEL_NAMES[:9])}, ...) or an existing model directory"
+    return (f"must be a model name ({', '.join(MODEL_NAMES[:9])}, ...), an existing model directory "
+            "or an openai-whisper checkpoint (.pt)")
 
 
 def _check_language(value: str) -> str | None:

@@ -1,17 +1,38 @@
 """openai-whisper engine, for those who want the original implementation (optional dependency, PyTorch).
 
-WHISPER_MODEL is a model name (downloaded by openai-whisper into WHISPER_MODEL_CACHE_DIR) or the path of
-a checkpoint (.pt). Slower and heavier than faster-whisper on a CPU; it decodes the whole file in memory.
+WHISPER_MODEL is a model name (downloaded by openai-whisper into WHISPER_MODEL_CACHE_DIR), the path of a
+checkpoint (.pt), or a directory holding one checkpoint (what the Ansible role provisions, downloaded by
+`whisper-service fetch-model NAME DIR --engine openai-whisper` or shipped from the controller).
+Slower and heavier than faster-whisper on a CPU; it decodes the whole file in memory.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..audio import SAMPLE_RATE, decode_all
 from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word, release_free_memory
 
 log = logging.getLogger(__name__)
+
+
+def checkpoint_in(directory: Path) -> Path:
+    """The one openai-whisper checkpoint (*.pt) in a model directory; ValueError saying what is wrong otherwise."""
+    found = sorted(p for p in directory.glob("*.pt") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"{directory} holds several checkpoints ({', '.join(p.name for p in found)}): keep one")
+    hint = (": it is a faster-whisper (CTranslate2) model, set WHISPER_ENGINE=faster-whisper"
+            if (directory / "model.bin").is_file() else "")
+    raise ValueError(f"{directory} holds no openai-whisper checkpoint (*.pt){hint}")
+
+
+def resolve_model(model: str) -> str:
+    """What whisper.load_model accepts: a name, or a checkpoint file (a directory's one checkpoint)."""
+    path = Path(model)
+    return str(checkpoint_in(path)) if path.is_dir() else model
 
 
 class OpenAIWhisperEngine:
@@ -35,7 +56,17 @@ class OpenAIWhisperEngine:
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         root = str(self.settings.model_cache_dir) if self.settings.model_cache_dir else None
-        self._model = whisper.load_model(self.settings.model, device=device, download_root=root)
+        model = resolve_model(self.settings.model)
+        self._model = whisper.load_model(model, device=device, download_root=root)
+        # A checkpoint loaded from a file loses the cross-attention heads that time words; a file named after an
+        # official model (fetch-model writes NAME.pt) gets that model's heads back.
+        heads = whisper._ALIGNMENT_HEADS.get(Path(model).stem) if model.endswith(".pt") else None  # noqa: SLF001
+        if heads is not None:
+            try:
+                self._model.set_alignment_heads(heads)
+            except (ValueError, RuntimeError):  # named like an official model, shaped otherwise
+                log.warning("%s: not shaped like the official model of that name; word timings use the "
+                            "default heads", model)
         self.device = device
         log.info("model %s loaded on %s with openai-whisper", self.settings.model_label, device)
 
