@@ -166,3 +166,12 @@ def test_preflight_refuses_addresses_the_play_cannot_reach(tmp_path, host):
     """Caddy's upstream, the readiness wait and deploy.yml use 127.0.0.1: anything else would time out."""
     out = failed(preflight(tmp_path, {"whisper_service_host": host}))
     assert f"whisper_service_host={host}: the service must listen on the IPv4 loopback address 127.0.0.1" in out
+
+
+# --- The engine's package ---
+
+def test_preflight_wants_the_openai_whisper_extra_for_that_engine(tmp_path):
+    out = failed(preflight(tmp_path, {"whisper_service_engine": "openai-whisper"}))
+    assert "add it with whisper_service_extras: [openai-whisper]" in out
+    passed(preflight(tmp_path, {"whisper_service_engine": "openai-whisper",
+                                "whisper_service_extras": ["openai-whisper"]}))
