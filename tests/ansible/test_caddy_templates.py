@@ -80,3 +80,23 @@ def test_single_host_sets_no_host_header(tmp_path, server_name):
     assert "reverse_proxy 127.0.0.1:8000 {" in caddyfile
     assert "header_up" not in block and "health_" not in block and "tls" not in block
     validate(caddyfile, tmp_path)
+
+
+SINGLE = {"caddy_site_address": "whisper.example.com", "caddy_tls_mode": "internal"}
+
+
+def errors_block(caddyfile: str) -> str:
+    return re.search(r"^\thandle_errors \{\n(.*?)^\t\}$", caddyfile, re.MULTILINE | re.DOTALL).group(1)
+
+
+def test_caddys_own_errors_carry_cors_for_the_allowed_origins(tmp_path):
+    caddyfile = render("caddy", "Caddyfile.j2", tmp_path, {
+        **SINGLE, "caddy_cors_origins": ["https://app.pilotys.fr/", "https://staging.pilotys.fr"]})
+    block = errors_block(caddyfile)
+    assert ('@cors_origin expression {http.request.header.Origin} in ["https://app.pilotys.fr", '
+            '"https://staging.pilotys.fr"]\n') in block
+    assert "Access-Control-Allow-Origin {http.request.header.Origin}" in block
+    validate(caddyfile, tmp_path)
+    anyone = errors_block(render("caddy", "Caddyfile.j2", tmp_path, {**SINGLE, "caddy_cors_origins": ["*"]}))
+    assert "header Access-Control-Allow-Origin *" in anyone
+    assert "Access-Control" not in errors_block(render("caddy", "Caddyfile.j2", tmp_path, SINGLE))

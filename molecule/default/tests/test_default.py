@@ -17,6 +17,7 @@ SCENARIO = Path(__file__).resolve().parent.parent
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"  # what Chrome's MediaRecorder uploads
+ORIGIN = "https://app.pilotys.example"  # whisper_service_cors_origins in the scenario's inventory
 
 
 def journal(host) -> str:
@@ -151,6 +152,17 @@ def test_oversized_upload_is_refused_before_it_is_read(address, ca_bundle):
     assert '"file_too_large"' in reply and "application/json" in reply
 
 
+def test_a_browser_can_read_caddys_own_errors(address, ca_bundle):
+    """PILOTYS's browser uploads itself: an error Caddy answers (413 here) must carry CORS, or the browser
+    reports a network failure instead of the JSON error."""
+    r = requests.post(f"https://{address}/v1/jobs", headers={"Origin": ORIGIN, "Content-Length": "600000000"},
+                      data=b"", verify=ca_bundle, timeout=10)
+    assert r.status_code == 413 and r.headers.get("Access-Control-Allow-Origin") == ORIGIN, r.headers
+    other = requests.post(f"https://{address}/v1/jobs", headers={"Origin": "https://evil.example",
+                          "Content-Length": "600000000"}, data=b"", verify=ca_bundle, timeout=10)
+    assert other.status_code == 413 and "Access-Control-Allow-Origin" not in other.headers
+
+
 def test_metrics_are_not_published(address, ca_bundle):
     assert requests.get(f"https://{address}/metrics", verify=ca_bundle, timeout=10).status_code == 404
 
@@ -169,6 +181,34 @@ def test_key_is_required(address, ca_bundle):
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
     r = transcribe(address, "not-the-right-key-000000", ca_bundle)
     assert r.status_code == 401
+
+
+def test_browser_upload_with_a_grant(host, address, api_key, ca_bundle):
+    """What PILOTYS on Vercel does for a meeting (a route cannot receive more than 4.5 MB): its route asks for a
+    grant with the key, and the browser uploads over HTTPS with the grant alone, from PILOTYS's origin."""
+    r = requests.post(f"https://{address}/v1/uploads", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"language": "fr", "response_format": "text", "idempotency_key": "meeting-9"},
+                      verify=ca_bundle, timeout=10)
+    assert r.status_code == 201, r.text
+    grant = r.json()
+    preflight = requests.options(f"https://{address}{grant['upload_url']}", verify=ca_bundle, timeout=10, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.headers.get("Access-Control-Allow-Origin") == ORIGIN, preflight.headers
+    with open(FRENCH, "rb") as f:
+        r = requests.post(f"https://{address}{grant['upload_url']}", files={"file": (FRENCH.name, f)},
+                          headers={"Authorization": f"Bearer {grant['token']}", "Origin": ORIGIN},
+                          verify=ca_bundle, timeout=120)
+    assert r.status_code in (200, 202) and r.headers.get("Access-Control-Allow-Origin") == ORIGIN, r.text
+    url = f"https://{address}/v1/jobs/{r.json()['id']}"
+    headers = {"Authorization": f"Bearer {api_key}"}
+    deadline = time.monotonic() + 300
+    while (job := requests.get(url, headers=headers, verify=ca_bundle, timeout=10).json())["status"] in (
+            "queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", (job, journal(host))
+    text = requests.get(url + "/result", headers=headers, verify=ca_bundle, timeout=10).text
+    assert "bonjour" in text.lower(), text
 
 
 def test_access_log_never_holds_the_key(host, address, api_key, ca_bundle):
