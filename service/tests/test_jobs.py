@@ -181,6 +181,25 @@ def test_results_expire_and_are_purged(make_app, audio):
         app.extensions["whisper"].jobs.stop()
 
 
+def test_a_cancelled_queued_job_with_a_callback_sends_nothing_and_is_purged(make_app, engine, audio):
+    engine.release.clear()
+    app = make_app(engine, WHISPER_JOB_RETENTION_S=1, WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8")
+    try:
+        client = app.test_client()
+        submit(client, audio)
+        assert engine.started.wait(10)  # the only worker is busy: the next job stays queued
+        job_id = submit(client, audio, callback_url="https://127.0.0.1:9/hook").get_json()["id"]
+        job = client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)).get_json()
+        assert job["status"] == "cancelled" and job["webhook"]["status"] == "skipped"
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).status_code != 404:
+            assert time.monotonic() < deadline, "the cancelled job was not purged"
+            time.sleep(0.2)
+    finally:
+        engine.release.set()
+        app.extensions["whisper"].jobs.stop()
+
+
 # -- webhooks -----------------------------------------------------------------------------------------------
 
 def test_callback_urls_that_would_reach_inside_are_refused():
