@@ -152,6 +152,7 @@ def test_too_long_is_413(app, audio, tmp_uploads):
 @pytest.mark.parametrize("field, value, code", [
     ("response_format", "docx", "invalid_response_format"),
     ("language", "klingon", "unsupported_language"),
+    ("language", "xx", "unsupported_language"),  # two letters, but no language Whisper knows
     ("temperature", "hot", "invalid_temperature"),
     ("temperature", "1.5", "invalid_temperature"),
     ("model", "gpt-4o-transcribe", "model_not_found"),

@@ -1,6 +1,6 @@
 import pytest
 
-from pilotys_whisper.settings import Settings, SettingsError
+from pilotys_whisper.settings import LANGUAGES, Settings, SettingsError
 
 
 def test_defaults_keep_the_original_contract():
@@ -27,6 +27,7 @@ def test_model_directory_and_label(tmp_path):
     ("WHISPER_PORT", "70000", "between 0 and 65535"),
     ("WHISPER_MODEL", "gigantic", "model name"),
     ("WHISPER_LANGUAGE", "french", "ISO 639-1"),
+    ("WHISPER_LANGUAGE", "xx", "Whisper knows"),  # accepted, it failed every transcription with a 500
     ("WHISPER_DEVICE", "tpu", "auto, cpu, cuda"),
     ("WHISPER_ENGINE", "whisper.cpp", "faster-whisper, openai-whisper"),
     ("WHISPER_COMPUTE_TYPE", "int4", "one of"),
@@ -40,6 +41,13 @@ def test_bad_values_are_named_with_what_to_change(name, value, words):
     with pytest.raises(SettingsError) as err:
         Settings.from_env({name: value, "WHISPER_API_KEY": "k" * 20})
     assert name in str(err.value) and words in str(err.value)
+
+
+def test_the_languages_are_those_of_the_model_library():
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    assert LANGUAGES == frozenset(_LANGUAGE_CODES)
+    assert Settings.from_env({"WHISPER_LANGUAGE": "YUE"}).language == "yue"
 
 
 def test_every_bad_value_is_reported_at_once():

@@ -23,7 +23,7 @@ from .engines import Engine, TranscribeOptions, build_engine
 from .errors import ApiError, http_error
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .settings import Settings
+from .settings import LANGUAGES, Settings
 
 log = logging.getLogger("pilotys_whisper")
 access_log = logging.getLogger("pilotys_whisper.access")
@@ -32,16 +32,6 @@ access_log = logging.getLogger("pilotys_whisper.access")
 MULTIPART_OVERHEAD = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GRANULARITIES = ("segment", "word")
-
-
-def _languages() -> frozenset[str]:
-    try:
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
-    except ImportError:  # openai-whisper only
-        from whisper.tokenizer import LANGUAGES
-
-        return frozenset(LANGUAGES)
-    return frozenset(_LANGUAGE_CODES)
 
 
 class UploadRequest(Request):
@@ -127,7 +117,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, load_model: 
         keyring=KeyRing(settings.api_key, settings.api_keys_file, webhook_secret=settings.webhook_secret),
         admission=admission,
         metrics=Metrics(admission, settings.model_label, engine.name),
-        languages=_languages(),
+        languages=LANGUAGES,
     )
     app.extensions["whisper"] = state
     if settings.state_dir is not None:

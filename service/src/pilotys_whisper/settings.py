@@ -22,7 +22,12 @@ COMPUTE_TYPES = (
     "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
     "int16", "float16", "bfloat16", "float32",
 )
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+# The languages Whisper knows (faster_whisper.tokenizer._LANGUAGE_CODES, whisper.tokenizer.LANGUAGES), copied so
+# that reading the settings loads no model library; tests/test_settings.py keeps the copy equal to the library's.
+LANGUAGES = frozenset((
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu "
+    "hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt ro "
+    "ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue").split())
 
 
 class SettingsError(ValueError):
@@ -207,9 +212,10 @@ def _check_model(value: str) -> str | None:
 
 
 def _check_language(value: str) -> str | None:
-    if value.lower() == "auto" or _LANGUAGE.match(value.lower()):
+    # Checked here, not at the first transcription: an unknown code would fail every request with a 500.
+    if value.lower() == "auto" or value.lower() in LANGUAGES:
         return None
-    return "must be an ISO 639-1 code such as fr or en, or auto to detect the language"
+    return "must be the ISO 639-1 code of a language Whisper knows, such as fr or en, or auto to detect it"
 
 
 def _check_host(value: str) -> str | None:
