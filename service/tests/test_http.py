@@ -217,6 +217,16 @@ def test_one_log_line_per_request_without_key_or_text(client, audio, caplog):
     assert KEY not in everything and "wrong-key" not in everything and "Bonjour" not in everything
 
 
+def test_a_path_cannot_forge_a_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="pilotys_whisper")
+    forged = "INFO pilotys_whisper.access: request id=0 POST /v1/audio/transcriptions status=200"
+    client.get("/x%0a" + forged.replace(" ", "%20") + "%0d%0aé")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pilotys_whisper.access"]
+    assert "\n" not in line and "\r" not in line, line
+    assert " GET /x%0AINFO%20pilotys_whisper.access:%20request%20id=0%20POST" in line and "status=404" in line
+    assert "%0D%0A%C3%A9 status=404 " in line
+
+
 def test_metrics(client, audio):
     post(client, file=upload(audio, "fr_meeting.wav"))
     text = client.get("/metrics").get_data(as_text=True)

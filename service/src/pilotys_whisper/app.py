@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -187,10 +188,17 @@ def _log_request(response: Response) -> None:
     principal = g.get("principal")
     access_log.info(
         "request id=%s %s %s status=%d audio_s=%s processing_s=%s ms=%.0f client=%s",
-        g.get("request_id", "-"), request.method, request.path, response.status_code,
+        g.get("request_id", "-"), _loggable(request.method), _loggable(request.path), response.status_code,
         _fmt(g.get("audio_s")), _fmt(g.get("processing_s")), elapsed_ms,
         principal.label if principal else "-",
     )
+
+
+def _loggable(text: str) -> str:
+    """What a client sent, as one field of a log line: anything outside the characters a URL path may carry as
+    they are (newlines, spaces, non-ASCII) is percent-encoded, so that a request cannot forge a line or a field
+    of its own (`GET /x%0aINFO forged...` is decoded to a path holding a newline)."""
+    return quote(text, safe="/!$&'()*+,;=:@-._~")
 
 
 def _fmt(value: float | None) -> str:
@@ -220,7 +228,8 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.exception("unexpected error on %s %s (request %s)", request.method, request.path, g.get("request_id"))
+        log.exception("unexpected error on %s %s (request %s)", _loggable(request.method), _loggable(request.path),
+                      g.get("request_id"))
         return api_error(ApiError(500, "internal_error", "the server failed to process the request; it was logged"))
 
 
