@@ -237,6 +237,14 @@ def test_metrics(client, audio):
     assert "whisper_model_ready 1.0" in text
 
 
+def test_made_up_methods_share_one_metrics_series(client):
+    for method in ("FOO1", "FOO2", "PROPFIND"):
+        assert client.open("/health", method=method).status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'whisper_http_requests_total{method="other",route="unmatched",status="405"} 3.0' in text
+    assert "FOO" not in text and "PROPFIND" not in text
+
+
 # -- CORS -----------------------------------------------------------------------------------------------
 
 def _cors_client(tmp_uploads, origins):

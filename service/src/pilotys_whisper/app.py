@@ -33,6 +33,9 @@ access_log = logging.getLogger("pilotys_whisper.access")
 MULTIPART_OVERHEAD = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GRANULARITIES = ("segment", "word")
+# Methods counted by name in the metrics; any other becomes "other": a client (no key needed) must not be able
+# to create new, permanent series with made-up methods.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class UploadRequest(Request):
@@ -160,7 +163,8 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
         if origins and origin:
             _cors(response, origin.rstrip("/"), origins)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        state.metrics.requests.labels(route=route, method=request.method, status=str(response.status_code)).inc()
+        method = request.method if request.method in METRIC_METHODS else "other"
+        state.metrics.requests.labels(route=route, method=method, status=str(response.status_code)).inc()
         if route not in ("/health", "/ready", "/metrics"):
             _log_request(response)
         return response
