@@ -142,6 +142,24 @@ def test_too_large_is_413_json(client):
     assert_error(post(client, file=(big, "big.wav")), 413, "file_too_large")
 
 
+def test_a_form_over_its_limits_is_413_form_too_large(client, audio):
+    many = {f"field{i}": "x" for i in range(1001)}
+    r = post(client, file=upload(audio, "fr_meeting.wav"), **many)
+    assert_error(r, 413, "form_too_large")
+    assert "1000 parts" in r.get_json()["error"]["message"]
+    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="x" * (1024 * 1024 + 1))
+    assert_error(r, 413, "form_too_large")
+    assert "1024 KB" in r.get_json()["error"]["message"]
+    # The audio without a filename is a plain field: above 1 MB it breaks the same limit, below it is no file.
+    wav = audio("fr_meeting.wav").read_bytes()
+    r = post(client, file=(io.BytesIO(wav), None))
+    assert_error(r, 413, "form_too_large")
+    assert "file part" in r.get_json()["error"]["message"]
+    r = post(client, file=(io.BytesIO(wav[:100_000]), None))
+    assert_error(r, 400, "missing_file")
+    assert "file part" in r.get_json()["error"]["message"]
+
+
 def test_too_long_is_413(app, audio, tmp_uploads):
     short = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_DURATION_S=10), FakeEngine(),
                        load_model=False)

@@ -45,7 +45,8 @@ class UploadRequest(Request):
     """
 
     upload_dir: str | None = None
-    max_form_memory_size = 1024 * 1024
+    max_form_memory_size = 1024 * 1024  # each field that is not a file; a prompt is at most 4000 characters
+    max_form_parts = 1000
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix="whisper-upload-")
@@ -220,8 +221,7 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_exception(exc: HTTPException):
         if exc.code == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"] - MULTIPART_OVERHEAD
-            err = ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
+            err = _too_large(app.config["MAX_CONTENT_LENGTH"])
         else:
             err = http_error(exc.code or 500, exc.description if exc.code not in (404, 405) else None)
         response = api_error(err)
@@ -235,6 +235,23 @@ def _install_error_handlers(app: Flask) -> None:
         log.exception("unexpected error on %s %s (request %s)", _loggable(request.method), _loggable(request.path),
                       g.get("request_id"))
         return api_error(ApiError(500, "internal_error", "the server failed to process the request; it was logged"))
+
+
+def _too_large(max_content_length: int) -> ApiError:
+    """Which limit a 413 from Flask's form parser is about: all of them raise the same bare exception."""
+    if request.content_length is not None:
+        body_too_large = request.content_length > max_content_length
+    else:  # chunked: too large if the parser read up to the limit
+        body_too_large = getattr(request.stream, "is_exhausted", True)
+    if body_too_large:
+        limit = max_content_length - MULTIPART_OVERHEAD
+        return ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
+    # The body is within bounds: the form itself is not (too many parts, or a large plain field, such as
+    # the audio sent without a filename, which the parser then holds in memory).
+    return ApiError(413, "form_too_large",
+                    f"the form exceeds this server's limits: at most {request.max_form_parts} parts, and "
+                    f"{request.max_form_memory_size // 1024} KB for a field that is not a file; send the audio as "
+                    "a file part named 'file', with a filename (as curl -F file=@audio.wav does)")
 
 
 # -- routes ---------------------------------------------------------------------------------------------
@@ -314,6 +331,9 @@ class TranscriptionParams:
         settings = state.settings
         form = request.form
         upload = request.files.get("file")
+        if upload is None and "file" in form:  # a part without a filename is a plain text field
+            raise ApiError(400, "missing_file", "the 'file' field came as a plain form field: send the audio as "
+                           "a file part, with a filename (as curl -F file=@audio.wav does)", param="file")
         if upload is None:
             raise ApiError(400, "missing_file", "send the audio as a multipart/form-data field named 'file'",
                            param="file")
