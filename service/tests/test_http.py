@@ -164,7 +164,9 @@ def test_too_long_is_413(app, audio, tmp_uploads):
     short = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_DURATION_S=10), FakeEngine(),
                        load_model=False)
     short.extensions["whisper"].load_model()
-    assert_error(post(short.test_client(), file=upload(audio, "fr_meeting.wav")), 413, "audio_too_long")
+    r = post(short.test_client(), file=upload(audio, "fr_meeting.wav"))
+    assert_error(r, 413, "audio_too_long")
+    assert "job" not in r.get_json()["error"]["message"]  # jobs have the same limit
 
 
 @pytest.mark.parametrize("field, value, code", [

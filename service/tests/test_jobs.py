@@ -117,6 +117,17 @@ def test_bad_input_is_refused_before_acceptance(app, audio):
     assert client.get("/v1/jobs", headers=auth(ALICE)).get_json()["data"] == []
 
 
+def test_audio_too_long_for_a_job_does_not_say_to_send_a_job(make_app, audio):
+    app = make_app(WHISPER_MAX_DURATION_S=10)
+    try:
+        r = submit(app.test_client(), audio)
+        assert r.status_code == 413 and r.get_json()["error"]["code"] == "audio_too_long"
+        message = r.get_json()["error"]["message"]
+        assert "10 s" in message and "split it" in message and "job" not in message
+    finally:
+        app.extensions["whisper"].jobs.stop()
+
+
 def test_idempotency_key_returns_the_same_job(app, audio):
     client = app.test_client()
     first = submit(client, audio, headers={"Idempotency-Key": "upload-42"})
