@@ -36,10 +36,11 @@ def test_model_directory_and_label(tmp_path):
     ("WHISPER_CORS_ORIGINS", "app.example.com", "https://app.example.com"),
     ("WHISPER_CORS_ORIGINS", "*,https://a.example", "mixes *"),
     ("WHISPER_HOST", "example.com", "IP address"),
+    ("WHISPER_API_KEY", "short-key-12345", "at least 16 characters"),  # the keys file's rule
 ])
 def test_bad_values_are_named_with_what_to_change(name, value, words):
     with pytest.raises(SettingsError) as err:
-        Settings.from_env({name: value, "WHISPER_API_KEY": "k" * 20})
+        Settings.from_env({"WHISPER_API_KEY": "k" * 20, name: value})
     assert name in str(err.value) and words in str(err.value)
 
 
@@ -68,6 +69,10 @@ def test_keys_never_show():
     s = Settings.from_env({"WHISPER_API_KEY": "super-secret-key-123456"})
     assert "super-secret" not in repr(s)
     assert s.describe()["api_key"] == "********"
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"WHISPER_API_KEY": "secret-key-1234"})
+    assert "secret-key" not in str(err.value)
+    assert Settings.from_env({"WHISPER_API_KEY": "secret-key-12345"}).auth_enabled  # 16 characters
 
 
 def test_keys_file_must_exist(tmp_path):

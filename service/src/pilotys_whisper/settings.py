@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .auth import MIN_KEY_LENGTH
+
 # Names faster-whisper and openai-whisper download by name. A path to a local model is accepted too.
 MODEL_NAMES = (
     "tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en",
@@ -120,7 +122,7 @@ class Settings:
         model = r.text("WHISPER_MODEL", "base", check=_check_model)
         label = r.text("WHISPER_MODEL_LABEL", _default_label(model))
         language = r.text("WHISPER_LANGUAGE", "fr", check=_check_language).lower()
-        api_key = r.text("WHISPER_API_KEY", "")
+        api_key = r.text("WHISPER_API_KEY", "", check=_check_api_key)
         webhook_secret = r.text("WHISPER_WEBHOOK_SECRET", "")
         keys_file = r.text("WHISPER_API_KEYS_FILE", "")
         host = r.text("WHISPER_HOST", "127.0.0.1", check=_check_host)
@@ -216,6 +218,14 @@ def _check_language(value: str) -> str | None:
     if value.lower() == "auto" or value.lower() in LANGUAGES:
         return None
     return "must be the ISO 639-1 code of a language Whisper knows, such as fr or en, or auto to detect it"
+
+
+def _check_api_key(value: str) -> str | None:
+    # The rule of the keys file (auth.parse_keys): a short key is one an attacker can guess.
+    if len(value) < MIN_KEY_LENGTH:
+        return (f"must be at least {MIN_KEY_LENGTH} characters (it is {len(value)}); "
+                "generate one with: openssl rand -hex 24")
+    return None
 
 
 def _check_host(value: str) -> str | None:
