@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote
 
 from flask import Flask, Request, Response, g, jsonify, request
@@ -49,7 +50,22 @@ class UploadRequest(Request):
     max_form_parts = 1000
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix="whisper-upload-")
+        return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix=_upload_prefix())
+
+
+def _upload_prefix() -> str:
+    # The process id in the name: at shutdown this process removes the uploads it still holds, never another's.
+    return f"whisper-upload-{os.getpid()}-"
+
+
+def remove_own_uploads(app: Flask) -> int:
+    """Delete this process's uploads still on disk: those of requests a shutdown cut off (their threads die
+    with the process, before they could delete them)."""
+    removed = 0
+    for path in Path(app.request_class.upload_dir).glob(_upload_prefix() + "*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @dataclass

@@ -214,10 +214,14 @@ class JobManager:
         thread.start()
         self._threads.append(thread)
 
-    def stop(self, timeout: float = 25.0) -> None:
+    def request_stop(self) -> None:
         """Stop taking jobs; a running one stops at its next chunk and goes back to the queue."""
         self.stopping.set()
         self.wake.set()
+
+    def stop(self, timeout: float = 25.0) -> None:
+        """request_stop(), then wait for the workers (up to timeout) and close the store."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
