@@ -346,18 +346,43 @@ def test_queue_full_gives_429_and_health_stays_fast(served, audio):
     assert results[0].status_code == 200 and results[1].status_code == 200
 
 
-def test_oversized_body_is_refused_before_the_app_reads_it(served):
-    url, engine = served
-    # Declares 50 MB but sends none of it: waitress must answer at once, in JSON, without reading it.
+def _declare_too_much(url: str, extra_headers: bytes = b"") -> str:
+    """A request that declares 50 MB but sends none of it; waitress's whole reply."""
     import socket
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /transcribe HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 52428800\r\n\r\n")
+                     b"Content-Length: 52428800\r\n" + extra_headers + b"\r\n")
         reply = b""
         while chunk := sock.recv(65536):  # until waitress closes: headers and body may come apart
             reply += chunk
-        reply = reply.decode()
+    return reply.decode()
+
+
+def test_oversized_body_is_refused_before_the_app_reads_it(served):
+    url, engine = served
+    # waitress must answer at once, in JSON, without reading the body.
+    reply = _declare_too_much(url)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"code": "file_too_large"' in reply and "application/json" in reply
+    assert "Access-Control-Allow-Origin" not in reply  # no CORS configured
     assert not engine.calls
+
+
+def test_what_waitress_refuses_carries_the_cors_headers(tmp_uploads):
+    """A browser shows its script a response without CORS headers as a network error: the 413 must have them."""
+    settings = make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_UPLOAD_MB=2, WHISPER_PORT=0,
+                             WHISPER_CORS_ORIGINS="https://app.pilotys.fr")
+    server = make_server(create_app(settings, FakeEngine(), load_model=False), settings)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    try:
+        reply = _declare_too_much(url, b"Origin: https://app.pilotys.fr\r\n")
+        head = reply.split("\r\n\r\n", 1)[0].split("\r\n")
+        assert head[0].startswith("HTTP/1.1 413") and '"code": "file_too_large"' in reply
+        assert "Access-Control-Allow-Origin: https://app.pilotys.fr" in head
+        assert "Access-Control-Allow-Credentials: true" in head and "Vary: Origin" in head
+        other = _declare_too_much(url, b"Origin: https://evil.example\r\n")
+        assert other.startswith("HTTP/1.1 413") and "Access-Control-Allow-Origin" not in other
+    finally:
+        server.close()

@@ -188,20 +188,29 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
 
 
 def _cors(response: Response, origin: str, allowed: tuple[str, ...]) -> None:
+    headers = cors_headers(origin, allowed, preflight=request.method == "OPTIONS")
+    if "Vary" in headers:
+        response.vary.add(headers.pop("Vary"))
+    response.headers.update(headers)
+
+
+def cors_headers(origin: str, allowed: tuple[str, ...], *, preflight: bool) -> dict[str, str]:
+    """The CORS headers for a request from origin (none for an origin not allowed): the app's responses and
+    the errors waitress answers itself (server.py) carry the same."""
     if allowed == ("*",):
-        response.headers["Access-Control-Allow-Origin"] = "*"  # never with credentials
+        headers = {"Access-Control-Allow-Origin": "*"}  # never with credentials
     elif origin in allowed:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.vary.add("Origin")
+        headers = {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
+                   "Vary": "Origin"}
     else:
-        return
-    if request.method == "OPTIONS":
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
-        response.headers["Access-Control-Max-Age"] = "600"
+        return {}
+    if preflight:
+        headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
+        headers["Access-Control-Max-Age"] = "600"
     else:
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
+        headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
+    return headers
 
 
 def _log_request(response: Response) -> None:

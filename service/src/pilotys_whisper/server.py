@@ -13,13 +13,16 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
-from .app import MULTIPART_OVERHEAD, remove_own_uploads
+from .app import MULTIPART_OVERHEAD, cors_headers, remove_own_uploads
 
 log = logging.getLogger("pilotys_whisper")
 
 
 class _JsonErrorTask(ErrorTask):
-    """waitress refuses an oversized or malformed request before the app sees it; answer in JSON."""
+    """waitress refuses an oversized or malformed request before the app sees it; answer in JSON, with the
+    app's CORS headers: without them a browser shows its script a network error instead of this answer."""
+
+    cors_origins: tuple[str, ...] = ()
 
     def execute(self):
         err = self.request.error
@@ -32,6 +35,10 @@ class _JsonErrorTask(ErrorTask):
                                      "type": "invalid_request_error"}}).encode()
         self.status = f"{err.code} {err.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
+        origin = self.request.headers.get("ORIGIN")
+        if self.cors_origins and origin:
+            cors = cors_headers(origin.rstrip("/"), self.cors_origins, preflight=False)
+            self.response_headers.extend(cors.items())
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
@@ -54,7 +61,8 @@ def make_server(app, settings):
         ident="whisper-service",
         clear_untrusted_proxy_headers=True,
     )
-    server.channel_class = _JsonErrorChannel
+    error_task = type("JsonErrorTask", (_JsonErrorTask,), {"cors_origins": settings.cors_origins})
+    server.channel_class = type("JsonErrorChannel", (_JsonErrorChannel,), {"error_task_class": error_task})
     return server
 
 
