@@ -85,6 +85,17 @@ def test_no_speech_gives_no_text(engine, audio, name):
     assert result.duration == pytest.approx(20.0, abs=0.1)
 
 
+def test_near_silence_decoded_again_by_the_fallback_gives_no_text(engine, audio, tmp_path):
+    # The first 3000 bytes of a recording: 67 ms of near silence. The greedy decode is unsure enough to
+    # go to the fallback, whose result the model itself rates as likely silence (no_speech_prob 0.61,
+    # avg_logprob -1.07); kept, it was "C'est ça ? C'est ça, c'est ça ?".
+    clip = tmp_path / "truncated.wav"
+    clip.write_bytes(audio("fr_meeting.wav").read_bytes()[:3000])
+    result = engine.transcribe(str(clip), TranscribeOptions(language="fr"))
+    assert result.text == "" and result.segments == []
+    assert result.duration == pytest.approx(0.067, abs=0.01)
+
+
 def test_word_timestamps_are_ordered_and_inside_the_audio(engine, audio):
     result = engine.transcribe(str(audio("lecture_en_60s.wav")), TranscribeOptions(language="en",
                                                                                    word_timestamps=True))

@@ -142,16 +142,37 @@ def test_too_large_is_413_json(client):
     assert_error(post(client, file=(big, "big.wav")), 413, "file_too_large")
 
 
+def test_a_form_over_its_limits_is_413_form_too_large(client, audio):
+    many = {f"field{i}": "x" for i in range(1001)}
+    r = post(client, file=upload(audio, "fr_meeting.wav"), **many)
+    assert_error(r, 413, "form_too_large")
+    assert "1000 parts" in r.get_json()["error"]["message"]
+    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="x" * (1024 * 1024 + 1))
+    assert_error(r, 413, "form_too_large")
+    assert "1024 KB" in r.get_json()["error"]["message"]
+    # The audio without a filename is a plain field: above 1 MB it breaks the same limit, below it is no file.
+    wav = audio("fr_meeting.wav").read_bytes()
+    r = post(client, file=(io.BytesIO(wav), None))
+    assert_error(r, 413, "form_too_large")
+    assert "file part" in r.get_json()["error"]["message"]
+    r = post(client, file=(io.BytesIO(wav[:100_000]), None))
+    assert_error(r, 400, "missing_file")
+    assert "file part" in r.get_json()["error"]["message"]
+
+
 def test_too_long_is_413(app, audio, tmp_uploads):
     short = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_DURATION_S=10), FakeEngine(),
                        load_model=False)
     short.extensions["whisper"].load_model()
-    assert_error(post(short.test_client(), file=upload(audio, "fr_meeting.wav")), 413, "audio_too_long")
+    r = post(short.test_client(), file=upload(audio, "fr_meeting.wav"))
+    assert_error(r, 413, "audio_too_long")
+    assert "job" not in r.get_json()["error"]["message"]  # jobs have the same limit
 
 
 @pytest.mark.parametrize("field, value, code", [
     ("response_format", "docx", "invalid_response_format"),
     ("language", "klingon", "unsupported_language"),
+    ("language", "xx", "unsupported_language"),  # two letters, but no language Whisper knows
     ("temperature", "hot", "invalid_temperature"),
     ("temperature", "1.5", "invalid_temperature"),
     ("model", "gpt-4o-transcribe", "model_not_found"),
@@ -216,6 +237,16 @@ def test_one_log_line_per_request_without_key_or_text(client, audio, caplog):
     assert KEY not in everything and "wrong-key" not in everything and "Bonjour" not in everything
 
 
+def test_a_path_cannot_forge_a_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="pilotys_whisper")
+    forged = "INFO pilotys_whisper.access: request id=0 POST /v1/audio/transcriptions status=200"
+    client.get("/x%0a" + forged.replace(" ", "%20") + "%0d%0aé")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pilotys_whisper.access"]
+    assert "\n" not in line and "\r" not in line, line
+    assert " GET /x%0AINFO%20pilotys_whisper.access:%20request%20id=0%20POST" in line and "status=404" in line
+    assert "%0D%0A%C3%A9 status=404 " in line
+
+
 def test_metrics(client, audio):
     post(client, file=upload(audio, "fr_meeting.wav"))
     text = client.get("/metrics").get_data(as_text=True)
@@ -224,6 +255,14 @@ def test_metrics(client, audio):
     assert "whisper_queue_depth 0.0" in text and "whisper_in_flight 0.0" in text
     assert "whisper_real_time_factor_count 1.0" in text
     assert "whisper_model_ready 1.0" in text
+
+
+def test_made_up_methods_share_one_metrics_series(client):
+    for method in ("FOO1", "FOO2", "PROPFIND"):
+        assert client.open("/health", method=method).status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'whisper_http_requests_total{method="other",route="unmatched",status="405"} 3.0' in text
+    assert "FOO" not in text and "PROPFIND" not in text
 
 
 # -- CORS -----------------------------------------------------------------------------------------------
@@ -307,18 +346,43 @@ def test_queue_full_gives_429_and_health_stays_fast(served, audio):
     assert results[0].status_code == 200 and results[1].status_code == 200
 
 
-def test_oversized_body_is_refused_before_the_app_reads_it(served):
-    url, engine = served
-    # Declares 50 MB but sends none of it: waitress must answer at once, in JSON, without reading it.
+def _declare_too_much(url: str, extra_headers: bytes = b"") -> str:
+    """A request that declares 50 MB but sends none of it; waitress's whole reply."""
     import socket
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /transcribe HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 52428800\r\n\r\n")
+                     b"Content-Length: 52428800\r\n" + extra_headers + b"\r\n")
         reply = b""
         while chunk := sock.recv(65536):  # until waitress closes: headers and body may come apart
             reply += chunk
-        reply = reply.decode()
+    return reply.decode()
+
+
+def test_oversized_body_is_refused_before_the_app_reads_it(served):
+    url, engine = served
+    # waitress must answer at once, in JSON, without reading the body.
+    reply = _declare_too_much(url)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"code": "file_too_large"' in reply and "application/json" in reply
+    assert "Access-Control-Allow-Origin" not in reply  # no CORS configured
     assert not engine.calls
+
+
+def test_what_waitress_refuses_carries_the_cors_headers(tmp_uploads):
+    """A browser shows its script a response without CORS headers as a network error: the 413 must have them."""
+    settings = make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_UPLOAD_MB=2, WHISPER_PORT=0,
+                             WHISPER_CORS_ORIGINS="https://app.pilotys.fr")
+    server = make_server(create_app(settings, FakeEngine(), load_model=False), settings)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    try:
+        reply = _declare_too_much(url, b"Origin: https://app.pilotys.fr\r\n")
+        head = reply.split("\r\n\r\n", 1)[0].split("\r\n")
+        assert head[0].startswith("HTTP/1.1 413") and '"code": "file_too_large"' in reply
+        assert "Access-Control-Allow-Origin: https://app.pilotys.fr" in head
+        assert "Access-Control-Allow-Credentials: true" in head and "Vary: Origin" in head
+        other = _declare_too_much(url, b"Origin: https://evil.example\r\n")
+        assert other.startswith("HTTP/1.1 413") and "Access-Control-Allow-Origin" not in other
+    finally:
+        server.close()

@@ -117,6 +117,17 @@ def test_bad_input_is_refused_before_acceptance(app, audio):
     assert client.get("/v1/jobs", headers=auth(ALICE)).get_json()["data"] == []
 
 
+def test_audio_too_long_for_a_job_does_not_say_to_send_a_job(make_app, audio):
+    app = make_app(WHISPER_MAX_DURATION_S=10)
+    try:
+        r = submit(app.test_client(), audio)
+        assert r.status_code == 413 and r.get_json()["error"]["code"] == "audio_too_long"
+        message = r.get_json()["error"]["message"]
+        assert "10 s" in message and "split it" in message and "job" not in message
+    finally:
+        app.extensions["whisper"].jobs.stop()
+
+
 def test_idempotency_key_returns_the_same_job(app, audio):
     client = app.test_client()
     first = submit(client, audio, headers={"Idempotency-Key": "upload-42"})
@@ -267,6 +278,25 @@ def test_results_expire_and_are_purged(make_app, audio):
             assert time.monotonic() < deadline, "the expired job was not purged"
             time.sleep(0.2)
     finally:
+        app.extensions["whisper"].jobs.stop()
+
+
+def test_a_cancelled_queued_job_with_a_callback_sends_nothing_and_is_purged(make_app, engine, audio):
+    engine.release.clear()
+    app = make_app(engine, WHISPER_JOB_RETENTION_S=1, WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8")
+    try:
+        client = app.test_client()
+        submit(client, audio)
+        assert engine.started.wait(10)  # the only worker is busy: the next job stays queued
+        job_id = submit(client, audio, callback_url="https://127.0.0.1:9/hook").get_json()["id"]
+        job = client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)).get_json()
+        assert job["status"] == "cancelled" and job["webhook"]["status"] == "skipped"
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).status_code != 404:
+            assert time.monotonic() < deadline, "the cancelled job was not purged"
+            time.sleep(0.2)
+    finally:
+        engine.release.set()
         app.extensions["whisper"].jobs.stop()
 
 

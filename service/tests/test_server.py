@@ -1,10 +1,13 @@
 """The service as a real process (waitress on a free port) with the real model, driven by real clients."""
 
+import http.client
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+import wave
 
 import openai
 import pytest
@@ -142,3 +145,76 @@ def test_sigusr1_drains_ready_while_requests_are_still_served(model_dir, tmp_pat
         code = proc.stop()
     assert code == 0, proc.logs()
     assert "draining" in proc.logs()
+
+
+def _first_seconds(source, seconds: float, target):
+    """The start of a real recording, as a WAV of its own."""
+    with wave.open(str(source)) as src, wave.open(str(target), "wb") as dst:
+        dst.setparams(src.getparams())
+        dst.writeframes(src.readframes(int(seconds * src.getframerate())))
+    return target
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(model_dir, tmp_path, audio):
+    """systemd stops the service with SIGTERM (a deploy, a reboot): the request being transcribed and the one
+    still being uploaded both get their answer, new connections are refused meanwhile, and no upload is left
+    on disk. Short recordings that end on a sentence (no fallback decoding), so that all of it fits in the
+    drain's bound (server.DRAIN_S) on a busy machine too."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    proc = ServerProcess({"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY}, uploads).start()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long_clip = _first_seconds(audio("fr_meeting.wav"), 16.2, tmp_path / "three-sentences.wav")
+    short_clip = _first_seconds(audio("fr_meeting.wav"), 5.2, tmp_path / "one-sentence.wav")
+    upload = requests.Request("POST", proc.url + "/transcribe", headers=headers,
+                              files={"file": ("one-sentence.wav", short_clip.read_bytes())}).prepare()
+    half = len(upload.body) // 2
+    uploading = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=120)
+    outcome = {}
+
+    def transcribe():
+        try:
+            with open(long_clip, "rb") as f:
+                outcome["running"] = requests.post(proc.url + "/v1/audio/transcriptions", files={"file": f},
+                                                   data={"language": "fr"}, headers=headers, timeout=120)
+        except requests.RequestException as exc:
+            outcome["running"] = exc
+
+    running = threading.Thread(target=transcribe)
+    refused_while_running = False
+    try:
+        uploading.putrequest("POST", "/transcribe")
+        for name, value in upload.headers.items():
+            uploading.putheader(name, value)
+        uploading.endheaders()
+        uploading.send(upload.body[:half])
+        running.start()
+        deadline = time.monotonic() + 30
+        while "whisper_in_flight 1.0" not in requests.get(proc.url + "/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the transcription never started"
+            time.sleep(0.02)
+        assert list(uploads.iterdir()), "the upload is on disk while it is transcribed"
+        proc.proc.send_signal(signal.SIGTERM)
+        while running.is_alive() and not refused_while_running:
+            try:
+                requests.get(proc.url + "/health", timeout=5)
+            except requests.ConnectionError:
+                refused_while_running = running.is_alive()
+            time.sleep(0.05)
+        uploading.send(upload.body[half:])  # the rest of a request received in part before the signal
+        uploaded = uploading.getresponse()
+        uploaded_body = uploaded.read()
+        running.join(120)
+        proc.proc.wait(30)
+    finally:
+        uploading.close()
+        code = proc.stop()
+    response = outcome.get("running")
+    assert isinstance(response, requests.Response), f"no answer: {response}\n{proc.logs()}"
+    assert response.status_code == 200, response.text
+    assert "réunion" in response.json()["text"].lower()
+    assert refused_while_running, "new connections must be refused once SIGTERM is received"
+    assert uploaded.status == 200, uploaded_body
+    assert "bonjour" in json.loads(uploaded_body)["text"].lower()
+    assert code == 0, proc.logs()
+    assert list(uploads.iterdir()) == [], "temporary uploads left behind"

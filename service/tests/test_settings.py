@@ -1,6 +1,6 @@
 import pytest
 
-from pilotys_whisper.settings import Settings, SettingsError
+from pilotys_whisper.settings import LANGUAGES, Settings, SettingsError
 
 
 def test_defaults_keep_the_original_contract():
@@ -44,6 +44,7 @@ def test_openai_whisper_model_directory_holds_one_checkpoint(tmp_path):
     ("WHISPER_PORT", "70000", "between 0 and 65535"),
     ("WHISPER_MODEL", "gigantic", "model name"),
     ("WHISPER_LANGUAGE", "french", "ISO 639-1"),
+    ("WHISPER_LANGUAGE", "xx", "Whisper knows"),  # accepted, it failed every transcription with a 500
     ("WHISPER_DEVICE", "tpu", "auto, cpu, cuda"),
     ("WHISPER_ENGINE", "whisper.cpp", "faster-whisper, openai-whisper"),
     ("WHISPER_COMPUTE_TYPE", "int4", "one of"),
@@ -52,11 +53,19 @@ def test_openai_whisper_model_directory_holds_one_checkpoint(tmp_path):
     ("WHISPER_CORS_ORIGINS", "app.example.com", "https://app.example.com"),
     ("WHISPER_CORS_ORIGINS", "*,https://a.example", "mixes *"),
     ("WHISPER_HOST", "example.com", "IP address"),
+    ("WHISPER_API_KEY", "short-key-12345", "at least 16 characters"),  # the keys file's rule
 ])
 def test_bad_values_are_named_with_what_to_change(name, value, words):
     with pytest.raises(SettingsError) as err:
-        Settings.from_env({name: value, "WHISPER_API_KEY": "k" * 20})
+        Settings.from_env({"WHISPER_API_KEY": "k" * 20, name: value})
     assert name in str(err.value) and words in str(err.value)
+
+
+def test_the_languages_are_those_of_the_model_library():
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    assert LANGUAGES == frozenset(_LANGUAGE_CODES)
+    assert Settings.from_env({"WHISPER_LANGUAGE": "YUE"}).language == "yue"
 
 
 def test_every_bad_value_is_reported_at_once():
@@ -77,6 +86,10 @@ def test_keys_never_show():
     s = Settings.from_env({"WHISPER_API_KEY": "super-secret-key-123456"})
     assert "super-secret" not in repr(s)
     assert s.describe()["api_key"] == "********"
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"WHISPER_API_KEY": "secret-key-1234"})
+    assert "secret-key" not in str(err.value)
+    assert Settings.from_env({"WHISPER_API_KEY": "secret-key-12345"}).auth_enabled  # 16 characters
 
 
 def test_keys_file_must_exist(tmp_path):

@@ -11,6 +11,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
 
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -24,7 +26,7 @@ from .errors import ApiError, http_error
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .grants import is_grant
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .settings import Settings
+from .settings import LANGUAGES, Settings
 
 log = logging.getLogger("pilotys_whisper")
 access_log = logging.getLogger("pilotys_whisper.access")
@@ -33,16 +35,9 @@ access_log = logging.getLogger("pilotys_whisper.access")
 MULTIPART_OVERHEAD = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GRANULARITIES = ("segment", "word")
-
-
-def _languages() -> frozenset[str]:
-    try:
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
-    except ImportError:  # openai-whisper only
-        from whisper.tokenizer import LANGUAGES
-
-        return frozenset(LANGUAGES)
-    return frozenset(_LANGUAGE_CODES)
+# Methods counted by name in the metrics; any other becomes "other": a client (no key needed) must not be able
+# to create new, permanent series with made-up methods.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class UploadRequest(Request):
@@ -52,10 +47,26 @@ class UploadRequest(Request):
     """
 
     upload_dir: str | None = None
-    max_form_memory_size = 1024 * 1024
+    max_form_memory_size = 1024 * 1024  # each field that is not a file; a prompt is at most 4000 characters
+    max_form_parts = 1000
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix="whisper-upload-")
+        return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix=_upload_prefix())
+
+
+def _upload_prefix() -> str:
+    # The process id in the name: at shutdown this process removes the uploads it still holds, never another's.
+    return f"whisper-upload-{os.getpid()}-"
+
+
+def remove_own_uploads(app: Flask) -> int:
+    """Delete this process's uploads still on disk: those of requests a shutdown cut off (their threads die
+    with the process, before they could delete them)."""
+    removed = 0
+    for path in Path(app.request_class.upload_dir).glob(_upload_prefix() + "*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @dataclass
@@ -132,7 +143,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, load_model: 
         keyring=KeyRing(settings.api_key, settings.api_keys_file, webhook_secret=settings.webhook_secret),
         admission=admission,
         metrics=Metrics(admission, settings.model_label, engine.name),
-        languages=_languages(),
+        languages=LANGUAGES,
     )
     app.extensions["whisper"] = state
     if settings.state_dir is not None:
@@ -174,27 +185,37 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
         if origins and origin:
             _cors(response, origin.rstrip("/"), origins)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        state.metrics.requests.labels(route=route, method=request.method, status=str(response.status_code)).inc()
+        method = request.method if request.method in METRIC_METHODS else "other"
+        state.metrics.requests.labels(route=route, method=method, status=str(response.status_code)).inc()
         if route not in ("/health", "/ready", "/metrics"):
             _log_request(response)
         return response
 
 
 def _cors(response: Response, origin: str, allowed: tuple[str, ...]) -> None:
+    headers = cors_headers(origin, allowed, preflight=request.method == "OPTIONS")
+    if "Vary" in headers:
+        response.vary.add(headers.pop("Vary"))
+    response.headers.update(headers)
+
+
+def cors_headers(origin: str, allowed: tuple[str, ...], *, preflight: bool) -> dict[str, str]:
+    """The CORS headers for a request from origin (none for an origin not allowed): the app's responses and
+    the errors waitress answers itself (server.py) carry the same."""
     if allowed == ("*",):
-        response.headers["Access-Control-Allow-Origin"] = "*"  # never with credentials
+        headers = {"Access-Control-Allow-Origin": "*"}  # never with credentials
     elif origin in allowed:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.vary.add("Origin")
+        headers = {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
+                   "Vary": "Origin"}
     else:
-        return
-    if request.method == "OPTIONS":
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
-        response.headers["Access-Control-Max-Age"] = "600"
+        return {}
+    if preflight:
+        headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
+        headers["Access-Control-Max-Age"] = "600"
     else:
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
+        headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
+    return headers
 
 
 def _log_request(response: Response) -> None:
@@ -202,10 +223,17 @@ def _log_request(response: Response) -> None:
     principal = g.get("principal")
     access_log.info(
         "request id=%s %s %s status=%d audio_s=%s processing_s=%s ms=%.0f client=%s",
-        g.get("request_id", "-"), request.method, request.path, response.status_code,
+        g.get("request_id", "-"), _loggable(request.method), _loggable(request.path), response.status_code,
         _fmt(g.get("audio_s")), _fmt(g.get("processing_s")), elapsed_ms,
         principal.label if principal else "-",
     )
+
+
+def _loggable(text: str) -> str:
+    """What a client sent, as one field of a log line: anything outside the characters a URL path may carry as
+    they are (newlines, spaces, non-ASCII) is percent-encoded, so that a request cannot forge a line or a field
+    of its own (`GET /x%0aINFO forged...` is decoded to a path holding a newline)."""
+    return quote(text, safe="/!$&'()*+,;=:@-._~")
 
 
 def _fmt(value: float | None) -> str:
@@ -223,8 +251,7 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_exception(exc: HTTPException):
         if exc.code == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"] - MULTIPART_OVERHEAD
-            err = ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
+            err = _too_large(app.config["MAX_CONTENT_LENGTH"])
         else:
             err = http_error(exc.code or 500, exc.description if exc.code not in (404, 405) else None)
         response = api_error(err)
@@ -235,8 +262,26 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.exception("unexpected error on %s %s (request %s)", request.method, request.path, g.get("request_id"))
+        log.exception("unexpected error on %s %s (request %s)", _loggable(request.method), _loggable(request.path),
+                      g.get("request_id"))
         return api_error(ApiError(500, "internal_error", "the server failed to process the request; it was logged"))
+
+
+def _too_large(max_content_length: int) -> ApiError:
+    """Which limit a 413 from Flask's form parser is about: all of them raise the same bare exception."""
+    if request.content_length is not None:
+        body_too_large = request.content_length > max_content_length
+    else:  # chunked: too large if the parser read up to the limit
+        body_too_large = getattr(request.stream, "is_exhausted", True)
+    if body_too_large:
+        limit = max_content_length - MULTIPART_OVERHEAD
+        return ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
+    # The body is within bounds: the form itself is not (too many parts, or a large plain field, such as
+    # the audio sent without a filename, which the parser then holds in memory).
+    return ApiError(413, "form_too_large",
+                    f"the form exceeds this server's limits: at most {request.max_form_parts} parts, and "
+                    f"{request.max_form_memory_size // 1024} KB for a field that is not a file; send the audio as "
+                    "a file part named 'file', with a filename (as curl -F file=@audio.wav does)")
 
 
 # -- routes ---------------------------------------------------------------------------------------------
@@ -316,6 +361,9 @@ class TranscriptionParams:
         before queueing)."""
         settings = state.settings
         upload = request.files.get("file")
+        if upload is None and "file" in form:  # a part without a filename is a plain text field
+            raise ApiError(400, "missing_file", "the 'file' field came as a plain form field: send the audio as "
+                           "a file part, with a filename (as curl -F file=@audio.wav does)", param="file")
         if upload is None:
             raise ApiError(400, "missing_file", "send the audio as a multipart/form-data field named 'file'",
                            param="file")

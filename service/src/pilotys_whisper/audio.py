@@ -34,8 +34,9 @@ def unsupported(reason: str) -> ApiError:
 
 
 def too_long(limit_s: int) -> ApiError:
+    # The same limit holds for requests and jobs (WHISPER_MAX_DURATION_S): a job is no way around it.
     return ApiError(413, "audio_too_long",
-                    f"the audio is longer than the {limit_s} s this service accepts; split it or send it as a job")
+                    f"the audio is longer than the {limit_s} s this service accepts; split it into shorter parts")
 
 
 def no_audio() -> ApiError:

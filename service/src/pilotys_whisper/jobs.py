@@ -216,10 +216,14 @@ class JobManager:
         thread.start()
         self._threads.append(thread)
 
-    def stop(self, timeout: float = 25.0) -> None:
+    def request_stop(self) -> None:
         """Stop taking jobs; a running one stops at its next chunk and goes back to the queue."""
         self.stopping.set()
         self.wake.set()
+
+    def stop(self, timeout: float = 25.0) -> None:
+        """request_stop(), then wait for the workers (up to timeout) and close the store."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -329,9 +333,12 @@ class JobManager:
             raise ApiError(409, "job_finished", f"the job is already {row['status']}")
         now = time.time()
         # A queued job is cancelled at once; a running one by its worker (on any host) at its next chunk.
+        # A cancelled job sends no webhook (as in _finish): a 'pending' one would never be sent nor purged.
         self.store.execute("UPDATE jobs SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, "
                            "finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END, "
                            "expires_at = CASE WHEN status = 'queued' THEN ? ELSE expires_at END, "
+                           "webhook_status = CASE WHEN status = 'queued' AND webhook_status = 'pending' "
+                           "THEN 'skipped' ELSE webhook_status END, "
                            "cancel_requested = 1 WHERE id = ?", (now, now + self.settings.job_retention_s, job_id))
         row = self._get(job_id)
         if row["status"] == "cancelled":
@@ -618,9 +625,11 @@ class JobManager:
     def purge(self) -> int:
         """Delete expired jobs, their results, and audio no job owns any more."""
         with self.store.transaction() as db:
+            # A webhook still to send keeps its job; only succeeded and failed jobs send one (_deliver_due), so
+            # a cancelled job left 'pending' by an earlier version goes too.
             expired = [r["id"] for r in db.execute(
                 "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ? AND "
-                "webhook_status != 'pending'", (time.time(),)).fetchall()]
+                "(webhook_status != 'pending' OR status NOT IN ('succeeded', 'failed'))", (time.time(),)).fetchall()]
             for job_id in expired:
                 db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             live = {r["id"] for r in db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")}

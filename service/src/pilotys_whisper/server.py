@@ -6,18 +6,23 @@ import json
 import logging
 import signal
 import threading
+import time
 
+from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
-from .app import MULTIPART_OVERHEAD
+from .app import MULTIPART_OVERHEAD, cors_headers, remove_own_uploads
 
 log = logging.getLogger("pilotys_whisper")
 
 
 class _JsonErrorTask(ErrorTask):
-    """waitress refuses an oversized or malformed request before the app sees it; answer in JSON."""
+    """waitress refuses an oversized or malformed request before the app sees it; answer in JSON, with the
+    app's CORS headers: without them a browser shows its script a network error instead of this answer."""
+
+    cors_origins: tuple[str, ...] = ()
 
     def execute(self):
         err = self.request.error
@@ -30,6 +35,10 @@ class _JsonErrorTask(ErrorTask):
                                      "type": "invalid_request_error"}}).encode()
         self.status = f"{err.code} {err.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
+        origin = self.request.headers.get("ORIGIN")
+        if self.cors_origins and origin:
+            cors = cors_headers(origin.rstrip("/"), self.cors_origins, preflight=False)
+            self.response_headers.extend(cors.items())
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
@@ -52,35 +61,77 @@ def make_server(app, settings):
         ident="whisper-service",
         clear_untrusted_proxy_headers=True,
     )
-    server.channel_class = _JsonErrorChannel
+    error_task = type("JsonErrorTask", (_JsonErrorTask,), {"cors_origins": settings.cors_origins})
+    server.channel_class = type("JsonErrorChannel", (_JsonErrorChannel,), {"error_task_class": error_task})
     return server
 
 
+# On SIGTERM, requests already received get this long to finish. The units stop the service within
+# TimeoutStopSec=30 (podman stop --time 25 in a container): the drain and the jobs' stop fit below both.
+DRAIN_S = 20.0
+STOP_BUDGET_S = 24.0
+
+
+def _busy(channel) -> bool:
+    """A connection with a request being read, run or answered; an idle keep-alive one is not."""
+    return bool(channel.request is not None or channel.requests or channel.total_outbufs_len)
+
+
 def run(app, settings) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and let the app finish its background work."""
+    """Serve until SIGTERM/SIGINT; then stop accepting, let the requests in flight finish (up to DRAIN_S), stop
+    the background work and remove what is left of the uploads."""
     server = make_server(app, settings)
-    stopping = threading.Event()
+    state = app.extensions["whisper"]
+    stopping, hurry = threading.Event(), threading.Event()
 
     def _stop(signum, _frame):
-        if not stopping.is_set():
-            stopping.set()
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            server.close()
-            raise SystemExit(0)
+        if stopping.is_set():  # a second signal: no more waiting
+            hurry.set()
+            return
+        stopping.set()
+        log.info("received %s, shutting down: no new connections, finishing the requests in flight",
+                 signal.Signals(signum).name)
+        if state.jobs is not None:
+            state.jobs.request_stop()  # a running job goes back to the queue meanwhile
+        server.pull_trigger()  # wake the loop now rather than at its next timeout
 
     def _drain(_signum, _frame):
-        app.extensions["whisper"].draining.set()
+        state.draining.set()
         log.info("received SIGUSR1, draining: /ready answers 503 until the restart")
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGUSR1, _drain)
     log.info("listening on http://%s:%d", settings.host, settings.port)
+
+    def poll_once() -> None:
+        # The loop itself, one round at a time (at most asyncore_loop_timeout, 1 s): waitress's own run()
+        # leaves only by an exception, which would drop every response not yet sent.
+        server.asyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
+                             use_poll=server.adj.asyncore_use_poll, count=1)
+
+    stopped_at = None
     try:
-        server.run()
-    except SystemExit:
-        pass
+        while not stopping.is_set():
+            poll_once()
+        stopped_at = time.monotonic()
+        wasyncore.dispatcher.close(server)  # the listening socket only; the loop still carries the responses
+        while not hurry.is_set() and time.monotonic() - stopped_at < DRAIN_S:
+            channels = [c for c in list(server._map.values()) if isinstance(c, HTTPChannel)]
+            busy = [c for c in channels if _busy(c)]
+            if not busy:
+                break
+            for channel in channels:
+                if channel not in busy:
+                    channel.will_close = True  # idle keep-alive: closed by the loop, no request is lost
+            poll_once()
+        else:
+            log.warning("stopping with requests still running after %.0f s", time.monotonic() - stopped_at)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=0.5)
     finally:
-        state = app.extensions["whisper"]
         if state.jobs is not None:
-            state.jobs.stop()
+            spent = 0.0 if stopped_at is None else time.monotonic() - stopped_at
+            state.jobs.stop(timeout=max(1.0, STOP_BUDGET_S - spent))
+        removed = remove_own_uploads(app)
+        if removed:
+            log.warning("removed %d upload(s) of requests cut off by the shutdown", removed)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .auth import MIN_KEY_LENGTH
+
 # Names faster-whisper and openai-whisper download by name. A path to a local model is accepted too.
 MODEL_NAMES = (
     "tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en",
@@ -22,7 +24,12 @@ COMPUTE_TYPES = (
     "default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
     "int16", "float16", "bfloat16", "float32",
 )
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+# The languages Whisper knows (faster_whisper.tokenizer._LANGUAGE_CODES, whisper.tokenizer.LANGUAGES), copied so
+# that reading the settings loads no model library; tests/test_settings.py keeps the copy equal to the library's.
+LANGUAGES = frozenset((
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu "
+    "hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt ro "
+    "ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue").split())
 
 
 class SettingsError(ValueError):
@@ -115,7 +122,7 @@ class Settings:
         model = r.text("WHISPER_MODEL", "base", check=_check_model)
         label = r.text("WHISPER_MODEL_LABEL", _default_label(model))
         language = r.text("WHISPER_LANGUAGE", "fr", check=_check_language).lower()
-        api_key = r.text("WHISPER_API_KEY", "")
+        api_key = r.text("WHISPER_API_KEY", "", check=_check_api_key)
         webhook_secret = r.text("WHISPER_WEBHOOK_SECRET", "")
         keys_file = r.text("WHISPER_API_KEYS_FILE", "")
         host = r.text("WHISPER_HOST", "127.0.0.1", check=_check_host)
@@ -215,9 +222,18 @@ def _check_model(value: str) -> str | None:
 
 
 def _check_language(value: str) -> str | None:
-    if value.lower() == "auto" or _LANGUAGE.match(value.lower()):
+    # Checked here, not at the first transcription: an unknown code would fail every request with a 500.
+    if value.lower() == "auto" or value.lower() in LANGUAGES:
         return None
-    return "must be an ISO 639-1 code such as fr or en, or auto to detect the language"
+    return "must be the ISO 639-1 code of a language Whisper knows, such as fr or en, or auto to detect it"
+
+
+def _check_api_key(value: str) -> str | None:
+    # The rule of the keys file (auth.parse_keys): a short key is one an attacker can guess.
+    if len(value) < MIN_KEY_LENGTH:
+        return (f"must be at least {MIN_KEY_LENGTH} characters (it is {len(value)}); "
+                "generate one with: openssl rand -hex 24")
+    return None
 
 
 def _check_host(value: str) -> str | None:

@@ -347,6 +347,12 @@ class FasterWhisperEngine:
         return run.result(duration)
 
 
+def _is_silence(no_speech_prob: float, avg_logprob: float) -> bool:
+    """Silence the VAD let through: the model says "no speech" and is unsure of the words it found
+    (faster-whisper's no_speech_threshold 0.6 and log_prob_threshold -1.0)."""
+    return no_speech_prob > 0.6 and avg_logprob < -1.0
+
+
 class _Run:
     """State of one transcription: language, tokenizer and prompt once known, segments so far."""
 
@@ -426,12 +432,17 @@ class _Run:
             compression = get_compression_ratio(tok.decode(tokens).strip())
             temperature = self.options.temperature
             no_speech = result.no_speech_prob
-            if no_speech > 0.6 and avg_logprob < -1.0:
-                outputs.append([])  # silence the VAD let through
+            if _is_silence(no_speech, avg_logprob):
+                outputs.append([])
                 continue
             if compression > 2.4 or avg_logprob < -1.0:
                 tokens, avg_logprob, temperature, compression, no_speech = self._fallback(encoder_output, batch,
                                                                                           index)
+                # Asked again, as faster-whisper does of its final result: on near silence the fallback's
+                # samples at high temperature invent words the model itself rates as likely silence.
+                if _is_silence(no_speech, avg_logprob):
+                    outputs.append([])
+                    continue
             seconds = chunk.audio.shape[0] / SAMPLE_RATE
             frames = int(np.ceil(chunk.audio.shape[0] / model.feature_extractor.hop_length))
             parts, seek, _ = model._split_segments_by_timestamps(
