@@ -361,7 +361,7 @@ class TranscriptionParams:
         before queueing)."""
         settings = state.settings
         upload = request.files.get("file")
-        if upload is None and "file" in form:  # a part without a filename is a plain text field
+        if upload is None and "file" in request.form:  # a part without a filename is a plain text field
             raise ApiError(400, "missing_file", "the 'file' field came as a plain form field: send the audio as "
                            "a file part, with a filename (as curl -F file=@audio.wav does)", param="file")
         if upload is None:
