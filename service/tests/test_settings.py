@@ -101,3 +101,27 @@ def test_http_threads_must_leave_room_for_health():
     with pytest.raises(SettingsError, match="WHISPER_HTTP_THREADS"):
         Settings.from_env({"WHISPER_CONCURRENCY": "2", "WHISPER_QUEUE_SIZE": "4", "WHISPER_HTTP_THREADS": "5"})
     assert Settings.from_env({"WHISPER_CONCURRENCY": "2", "WHISPER_QUEUE_SIZE": "4"}).effective_http_threads == 10
+
+
+def test_check_config_reads_the_environment_file_the_role_writes(tmp_path, capsys, monkeypatch):
+    """`check-config --env-file`: how the Ansible role validates the file before it replaces the running one."""
+    from pilotys_whisper.cli import main, read_env_file
+
+    env_file = tmp_path / "environment"
+    env_file.write_text('# Managed by Ansible\nWHISPER_LANGUAGE="en"\n'
+                        'WHISPER_MODEL_LABEL="whisper-\\"odd\\" \\\\ one"\nWHISPER_LOG_LEVEL=warning\n\n')
+    assert read_env_file(env_file) == {"WHISPER_LANGUAGE": "en", "WHISPER_MODEL_LABEL": 'whisper-"odd" \\ one',
+                                       "WHISPER_LOG_LEVEL": "warning"}
+    monkeypatch.setenv("WHISPER_LANGUAGE", "de")
+    monkeypatch.setenv("WHISPER_CONCURRENCY", "3")  # the unit's Environment= lines: the file adds to them
+    assert main(["check-config", "--env-file", str(env_file)]) == 0
+    described = capsys.readouterr().out
+    assert '"language": "en"' in described and '"concurrency": 3' in described
+
+    env_file.write_text('WHISPER_LANGUAGE="xx"\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["check-config", "--env-file", str(env_file)])
+    assert exited.value.code == 2 and "WHISPER_LANGUAGE" in capsys.readouterr().err
+    env_file.write_text("not a setting\n")
+    assert main(["check-config", "--env-file", str(env_file)]) == 2
+    assert "line 1: expected NAME=value" in capsys.readouterr().err

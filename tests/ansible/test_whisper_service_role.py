@@ -175,3 +175,22 @@ def test_preflight_wants_the_openai_whisper_extra_for_that_engine(tmp_path):
     assert "add it with whisper_service_extras: [openai-whisper]" in out
     passed(preflight(tmp_path, {"whisper_service_engine": "openai-whisper",
                                 "whisper_service_extras": ["openai-whisper"]}))
+
+
+# --- The environment file: what the template writes, the service's check reads back ---
+
+def test_the_service_reads_back_the_rendered_environment(tmp_path):
+    """The role validates the file with `whisper-service check-config --env-file`: its parser must read the
+    template's quoting back exactly, quotes and backslashes included."""
+    odd = 'a "quoted" \\ value'
+    text = render("whisper_service", "environment.j2", tmp_path,
+                  {"whisper_service_extra_env": {"WHISPER_MODEL_LABEL": odd}, "whisper_service_language": "en"})
+    sys.path.insert(0, str(ROOT / "service" / "src"))
+    try:
+        from pilotys_whisper.cli import read_env_file
+    finally:
+        sys.path.remove(str(ROOT / "service" / "src"))
+    (tmp_path / "environment").write_text(text)
+    env = read_env_file(tmp_path / "environment")
+    assert env["WHISPER_MODEL_LABEL"] == odd and env["WHISPER_LANGUAGE"] == "en"
+    assert env["WHISPER_HOST"] == "127.0.0.1"

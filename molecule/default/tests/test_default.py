@@ -268,6 +268,23 @@ def test_play_refuses_settings_that_lock_out_or_expose(host, extra, message):
     assert host.run("ufw status numbered").stdout == before, "a refused run changed the firewall"
 
 
+def test_play_refuses_a_setting_the_service_would_refuse(host):
+    """A value the preflight lets through but the service refuses (a language Whisper does not know): the
+    service's own check fails the play before the running settings are replaced; nothing restarts."""
+    settings = host.file("/etc/whisper-service/environment")
+    before, pid = settings.sha256sum, host.run("systemctl show -p MainPID --value whisper-service").stdout
+    done = subprocess.run(
+        ["ansible-playbook", "-i", str(SCENARIO / "inventory"), str(PROJECT / "playbooks" / "site.yml"),
+         "--tags", "whisper_configure", "-e", "whisper_service_language=xx"],
+        capture_output=True, text=True, cwd=PROJECT, timeout=300, check=False,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "WHISPER_LANGUAGE" in output, output[-2000:]
+    assert settings.sha256sum == before
+    assert host.run("systemctl show -p MainPID --value whisper-service").stdout == pid
+    assert host.service("whisper-service").is_running
+
+
 # -- restarts ---------------------------------------------------------------------------------------------
 
 def test_back_after_a_service_restart(host, address, api_key, ca_bundle):

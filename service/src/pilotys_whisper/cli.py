@@ -49,9 +49,9 @@ def _tune_memory(arenas: int = 2, mmap_threshold: int = 8 << 20) -> None:
         pass
 
 
-def _settings() -> Settings:
+def _settings(env: dict[str, str] | None = None) -> Settings:
     try:
-        return Settings.from_env()
+        return Settings.from_env(env)
     except SettingsError as exc:
         print(f"whisper-service: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -74,10 +74,40 @@ def cmd_serve(_args) -> int:
     return 0
 
 
-def cmd_check_config(_args) -> int:
-    settings = _settings()
+def cmd_check_config(args) -> int:
+    env = None
+    if args.env_file is not None:
+        try:
+            # On top of the environment, as systemd reads EnvironmentFile= after Environment=.
+            env = {**os.environ, **read_env_file(Path(args.env_file))}
+        except (OSError, ValueError) as exc:
+            print(f"whisper-service: {args.env_file}: {exc}", file=sys.stderr)
+            return 2
+    settings = _settings(env)
     print(json.dumps(settings.describe(), indent=2))
     return 0
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of a systemd EnvironmentFile as the Ansible role writes it: NAME="value" lines (\\ and \"
+    escaped inside the quotes) or NAME=value, blank lines and # comments."""
+    env = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ValueError(f"line {number}: expected NAME=value")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            inner, value, escaped = value[1:-1], "", False
+            for char in inner:
+                if escaped or char != "\\":
+                    value, escaped = value + char, False
+                else:
+                    escaped = True
+        env[name.strip()] = value
+    return env
 
 
 def cmd_fetch_model(args) -> int:
@@ -124,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the HTTP API (default); configured by WHISPER_* variables")
-    sub.add_parser("check-config", help="validate WHISPER_* variables and print the effective configuration")
+    check = sub.add_parser("check-config", help="validate WHISPER_* variables and print the effective configuration")
+    check.add_argument("--env-file", help="also read the variables of this systemd EnvironmentFile, over the "
+                       "environment's (the Ansible role validates the file it writes this way)")
     fetch = sub.add_parser("fetch-model", help="download a model by name (needs access to the model hub)")
     fetch.add_argument("name", help="e.g. base, small, large-v3")
     fetch.add_argument("output", help="directory to write the model into")
