@@ -76,7 +76,6 @@ class ServiceState:
     keyring: KeyRing
     admission: Admission
     metrics: Metrics
-    languages: frozenset[str]
     ready: threading.Event = field(default_factory=threading.Event)
     # Set by SIGUSR1 before a rolling restart: /ready answers 503 so that a gateway sends nothing new, while
     # every request that still arrives is served as usual.
@@ -143,7 +142,6 @@ def create_app(settings: Settings, engine: Engine | None = None, *, load_model: 
         keyring=KeyRing(settings.api_key, settings.api_keys_file, webhook_secret=settings.webhook_secret),
         admission=admission,
         metrics=Metrics(admission, settings.model_label, engine.name),
-        languages=LANGUAGES,
     )
     app.extensions["whisper"] = state
     if settings.state_dir is not None:
@@ -424,7 +422,7 @@ def _language(state: ServiceState, raw: str | None) -> str | None:
     value = raw.strip().lower()
     if value == "auto":
         return None
-    if value not in state.languages:
+    if value not in LANGUAGES:
         raise ApiError(400, "unsupported_language",
                        f"language {raw!r} is not one Whisper knows; use an ISO 639-1 code such as fr, or auto",
                        param="language")

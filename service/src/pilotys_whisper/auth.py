@@ -82,8 +82,8 @@ class KeyRing:
         self._file_entries: list[_Entry] = []
         self._file_stamp: tuple[int, int] | None = None
         self._checked_at = 0.0
-        # Without keys anyone may upload; grants still work, within this process.
-        self._anonymous_grant_secret = secrets.token_bytes(32)
+        # Without keys anyone may call; grants still work, signed with a secret of this process.
+        self._anonymous = _Entry(b"", ANONYMOUS, secrets.token_bytes(32))
         if keys_file is not None:
             self._reload(force=True)
 
@@ -124,19 +124,17 @@ class KeyRing:
                 return self._inline + self._file_entries
         return self._inline
 
-    def principal_for(self, key_id: str) -> Principal | None:
-        """The current Principal of a key id (None once the key is removed), for webhook secrets."""
+    def entry_for(self, key_id: str) -> _Entry | None:
+        """The current entry of a key id (None once the key is removed): its Principal (webhook secret) and the
+        secret that signs its upload grants."""
         for entry in self._entries():
             if entry.principal.key_id == key_id:
-                return entry.principal
-        return ANONYMOUS if key_id == ANONYMOUS.key_id and not self.enabled else None
+                return entry
+        return self._anonymous if key_id == ANONYMOUS.key_id and not self.enabled else None
 
-    def grant_secret(self, key_id: str) -> bytes | None:
-        """The secret that signs a key's upload grants (None once the key is removed)."""
-        for entry in self._entries():
-            if entry.principal.key_id == key_id:
-                return entry.grant_secret
-        return self._anonymous_grant_secret if key_id == ANONYMOUS.key_id and not self.enabled else None
+    def principal_for(self, key_id: str) -> Principal | None:
+        entry = self.entry_for(key_id)
+        return entry.principal if entry is not None else None
 
     def authenticate(self, authorization: str | None) -> Principal | None:
         if not self.enabled:

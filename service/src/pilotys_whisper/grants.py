@@ -61,9 +61,10 @@ def _signature(secret: bytes, signed: str) -> bytes:
 def issue(keyring: KeyRing, principal: Principal, fields: dict[str, str | list[str]], *,
           idempotency_key: str | None, ttl_s: int) -> tuple[str, Grant]:
     """A token for `principal` (authenticated with its key just before) to create one job."""
-    secret = keyring.grant_secret(principal.key_id)
-    if secret is None:  # the key was removed between authentication and now
+    entry = keyring.entry_for(principal.key_id)
+    if entry is None:  # the key was removed between authentication and now
         raise ApiError(401, "invalid_api_key", "the API key is not valid")
+    secret = entry.grant_secret
     grant = Grant(principal=principal, idempotency_key=idempotency_key or "grant-" + secrets.token_urlsafe(16),
                   fields=fields, expires_at=int(time.time()) + ttl_s)
     claims = {"kid": principal.key_id, "idem": grant.idempotency_key, "exp": grant.expires_at, "fields": fields}
@@ -84,16 +85,14 @@ def verify(keyring: KeyRing, authorization: str) -> Grant:
         given = _unb64(signature)
     except (ValueError, KeyError, TypeError):
         raise invalid from None
-    secret = keyring.grant_secret(key_id)
+    entry = keyring.entry_for(key_id)
     # A removed key's grants fail here, exactly like forged ones.
-    if secret is None or not hmac.compare_digest(given, _signature(secret, signed)):
+    if entry is None or not hmac.compare_digest(given, _signature(entry.grant_secret, signed)):
         raise invalid
     if expires_at < time.time():
         raise ApiError(401, "upload_grant_expired", "the upload grant has expired; ask for a new one",
                        headers={"WWW-Authenticate": 'Bearer realm="whisper", error="invalid_token"'})
-    principal = keyring.principal_for(key_id)
-    assert principal is not None  # it has a grant secret
-    return Grant(principal=principal, idempotency_key=idempotency_key, fields=fields, expires_at=expires_at)
+    return Grant(principal=entry.principal, idempotency_key=idempotency_key, fields=fields, expires_at=expires_at)
 
 
 def requested_fields(body: dict) -> dict[str, str | list[str]]:
