@@ -47,6 +47,28 @@ def wait_https(address: str, ca: str, timeout: float = 180) -> None:
     raise AssertionError(f"https://{address}/ready did not answer 200 within {timeout}s")
 
 
+def wait_job_end(url: str, headers: dict, ca: str, timeout: float = 300) -> dict:
+    """The job once it has ended, or as last seen after TIMEOUT; a service restarting meanwhile is waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job = requests.get(url, headers=headers, verify=ca, timeout=10).json()
+        except requests.RequestException:
+            job = {"status": "unreachable"}
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
+
+
+def run_site(tags: str, extra: str) -> tuple[int, str]:
+    """site.yml on the scenario's host, only TAGS, with extra vars EXTRA: its exit code and output."""
+    done = subprocess.run(
+        ["ansible-playbook", "-i", str(SCENARIO / "inventory"), str(PROJECT / "playbooks" / "site.yml"),
+         "--tags", tags, "-e", extra], capture_output=True, text=True, cwd=PROJECT, timeout=300, check=False,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
+    return done.returncode, done.stdout + done.stderr
+
+
 # -- packages and files -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["ffmpeg", "caddy", "ufw", "python3-venv", "unattended-upgrades"])
@@ -201,11 +223,7 @@ def test_browser_upload_with_a_grant(host, address, api_key, ca_bundle):
     assert r.status_code in (200, 202) and r.headers.get("Access-Control-Allow-Origin") == ORIGIN, r.text
     url = f"https://{address}/v1/jobs/{r.json()['id']}"
     headers = {"Authorization": f"Bearer {api_key}"}
-    deadline = time.monotonic() + 300
-    while (job := requests.get(url, headers=headers, verify=ca_bundle, timeout=10).json())["status"] in (
-            "queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
+    job = wait_job_end(url, headers, ca_bundle)
     assert job["status"] == "succeeded", (job, journal(host))
     text = requests.get(url + "/result", headers=headers, verify=ca_bundle, timeout=10).text
     assert "bonjour" in text.lower(), text
@@ -233,15 +251,7 @@ def test_a_job_survives_the_service_being_killed(host, address, api_key, ca_bund
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.2)
     assert host.run("systemctl kill --signal=SIGKILL whisper-service").rc == 0
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            job = requests.get(url, headers=headers, verify=ca_bundle, timeout=10).json()
-        except requests.RequestException:
-            job = {"status": "unreachable"}
-        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    job = wait_job_end(url, headers, ca_bundle)
     assert job["status"] == "succeeded", (job, journal(host))
     assert job["attempts"] >= 2, job  # it really was interrupted, and ran again
     text = requests.get(url + "/result?format=text", headers=headers, verify=ca_bundle, timeout=10).text
@@ -258,12 +268,8 @@ def test_a_job_survives_the_service_being_killed(host, address, api_key, ca_bund
 ])
 def test_play_refuses_settings_that_lock_out_or_expose(host, extra, message):
     before = host.run("ufw status numbered").stdout
-    done = subprocess.run(
-        ["ansible-playbook", "-i", str(SCENARIO / "inventory"), str(PROJECT / "playbooks" / "site.yml"),
-         "--tags", "firewall", "-e", extra], capture_output=True, text=True, cwd=PROJECT, timeout=300, check=False,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output[-2000:]
+    returncode, output = run_site("firewall", extra)
+    assert returncode != 0, output[-2000:]
     assert message in output, output[-2000:]
     assert host.run("ufw status numbered").stdout == before, "a refused run changed the firewall"
 
@@ -273,13 +279,8 @@ def test_play_refuses_a_setting_the_service_would_refuse(host):
     service's own check fails the play before the running settings are replaced; nothing restarts."""
     settings = host.file("/etc/whisper-service/environment")
     before, pid = settings.sha256sum, host.run("systemctl show -p MainPID --value whisper-service").stdout
-    done = subprocess.run(
-        ["ansible-playbook", "-i", str(SCENARIO / "inventory"), str(PROJECT / "playbooks" / "site.yml"),
-         "--tags", "whisper_configure", "-e", "whisper_service_language=xx"],
-        capture_output=True, text=True, cwd=PROJECT, timeout=300, check=False,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
-    output = done.stdout + done.stderr
-    assert done.returncode != 0 and "WHISPER_LANGUAGE" in output, output[-2000:]
+    returncode, output = run_site("whisper_configure", "whisper_service_language=xx")
+    assert returncode != 0 and "WHISPER_LANGUAGE" in output, output[-2000:]
     assert settings.sha256sum == before
     assert host.run("systemctl show -p MainPID --value whisper-service").stdout == pid
     assert host.service("whisper-service").is_running
