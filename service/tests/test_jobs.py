@@ -509,3 +509,24 @@ def test_each_delivery_is_claimed_from_its_own_start(make_app, audio, tmp_path):
             server.close()
         app.extensions["whisper"].jobs.stop()
 
+
+def thread_cpu_s(threads) -> float:
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads if t.is_alive())
+
+
+def test_draining_workers_wait_without_spinning(app, audio, engine):
+    """SIGUSR1 sets draining (server.py): the workers take no job, and wait for the restart without using CPU."""
+    state = app.extensions["whisper"]
+    client = app.test_client()
+    state.draining.set()
+    job_id = submit(client, audio).get_json()["id"]
+    threads = state.jobs._threads
+    before = thread_cpu_s(threads)
+    time.sleep(2)
+    used = thread_cpu_s(threads) - before
+    assert used < 0.2, f"the job threads used {used:.2f} s of CPU in a 2 s drain"
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).get_json()["status"] == "queued"
+    assert engine.calls == []
+    state.draining.clear()  # the restart did not come: back to work
+    wait_status(client, job_id, ("succeeded",))
+

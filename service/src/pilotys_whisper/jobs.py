@@ -164,7 +164,10 @@ class SqliteBackend:
     def _work(self) -> None:
         manager = self.manager
         while not manager.stopping.is_set():
-            if not manager.state.ready.wait(1.0) or manager.state.draining.is_set():
+            if not manager.state.ready.wait(1.0):
+                continue
+            if manager.state.draining.is_set():
+                manager.stopping.wait(1.0)  # take nothing before the restart, without spinning (ready stays set)
                 continue
             with self.transaction() as db:
                 row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at LIMIT 1").fetchone()
