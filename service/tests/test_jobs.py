@@ -530,3 +530,48 @@ def test_draining_workers_wait_without_spinning(app, audio, engine):
     state.draining.clear()  # the restart did not come: back to work
     wait_status(client, job_id, ("succeeded",))
 
+
+def test_simultaneous_submissions_with_one_idempotency_key_make_one_job(postgres, tmp_path, keys_file, audio):
+    """The first holds its transaction open until the second waits on the unique index (PostgreSQL shows it
+    in pg_stat_activity): the second did not see the first's row and must still answer with its job."""
+    import psycopg
+
+    database = postgres.new_database()
+    app = create_app(make_settings(
+        WHISPER_API_KEY="", WHISPER_API_KEYS_FILE=keys_file, WHISPER_STATE_DIR=tmp_path / "state",
+        WHISPER_TMP_DIR=tmp_path, WHISPER_JOB_BACKEND="postgresql", WHISPER_JOB_DATABASE_URL=database),
+        FakeEngine())
+    store = app.extensions["whisper"].jobs.store
+    enqueue, first = store.enqueue, threading.Lock()
+
+    def enqueue_once_the_other_waits(db, job_id):
+        if first.acquire(blocking=False):
+            with psycopg.connect(database, autocommit=True) as watcher:
+                deadline = time.monotonic() + 20
+                while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                          "AND wait_event_type = 'Lock'").fetchone()[0]:
+                    assert time.monotonic() < deadline, "the second submission never waited for the first"
+                    time.sleep(0.05)
+        enqueue(db, job_id)
+
+    store.enqueue = enqueue_once_the_other_waits
+    barrier, responses = threading.Barrier(2), []
+
+    def submit_once():
+        client = app.test_client()
+        barrier.wait()
+        r = submit(client, audio, headers={"Idempotency-Key": "meeting-7"})
+        responses.append((r.status_code, r.get_json(), r.headers.get("Idempotent-Replayed")))
+
+    try:
+        threads = [threading.Thread(target=submit_once) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted((status, replayed) for status, _, replayed in responses) == [(200, "true"), (202, None)], \
+            responses
+        assert responses[0][1]["id"] == responses[1][1]["id"]
+        assert len(app.test_client().get("/v1/jobs", headers=auth(ALICE)).get_json()["data"]) == 1
+    finally:
+        app.extensions["whisper"].jobs.stop()

@@ -311,6 +311,12 @@ class JobManager:
                 self.store.enqueue(db, job_id)
         except _Replay as replay:
             return self._replayed(replay.row)
+        except DuplicateJob:
+            # The other submission with this key committed while this one waited for it (PostgreSQL): its job.
+            existing = self._by_idempotency_key(principal.key_id, idempotency_key)
+            if existing is None:
+                raise
+            return self._replayed(existing)
         g.audio_s = params.options.duration_hint
         log.info("job %s queued (%.0f s of audio)", job_id, params.options.duration_hint or 0)
         response = jsonify(self._view(self._get(job_id)))
@@ -660,6 +666,10 @@ class JobManager:
 def event_id(job_id: str, event_type: str) -> str:
     """The id of a job's event: derived from the job, so it is the same on every attempt and every worker."""
     return "evt_" + hashlib.sha256(f"{job_id}/{event_type}".encode()).hexdigest()[:32]
+
+
+class DuplicateJob(Exception):
+    """The backend refused the job: another one with the same owner and idempotency key committed first."""
 
 
 class _Replay(Exception):
