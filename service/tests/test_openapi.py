@@ -246,8 +246,8 @@ def test_real_transcripts_and_jobs_match_the_contract(live, contract, speech, me
 
 
 # Bounded work: each of the 13 operations gets at most this many generated requests per phase (examples,
-# coverage, fuzzing, stateful): about 600 requests, most refused before any decoding.
-MAX_EXAMPLES = 20
+# coverage, fuzzing, stateful): about 850 requests (10 s of CPU here), most refused before any decoding.
+MAX_EXAMPLES = 30
 SEED = int(os.environ.get("PILOTYS_CONTRACT_SEED", "20261201"))  # fixed: the same run each time, unless asked
 # Every check but three that do not fit this API: positive_data_acceptance (the document cannot tell audio from
 # other bytes: a valid form with a PNG gets 415), negative_data_rejection (an empty form field means "absent",
@@ -273,7 +273,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_contract(live, medi
     report = run.stdout + run.stderr
     assert run.returncode == 0, report
     generated = re.search(r"(\d+) generated", report)
-    assert generated and int(generated.group(1)) >= 300, report
-    print(report)
+    assert generated and int(generated.group(1)) >= 500, report  # it did run, at about its usual size
+    print(report[report.find("SUMMARY"):])  # with -s: the phases, warnings and the number of requests
     health = requests.get(live.url + "/health", timeout=5)
     assert health.status_code == 200 and health.json()["ready"], "the service must be up and ready afterwards"
