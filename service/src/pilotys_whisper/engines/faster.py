@@ -51,9 +51,9 @@ FALLBACK_BEST_OF_GPU = 5  # samples per call on a GPU (one call); on a CPU one s
 MAX_INITIAL_TIMESTAMP_S = 1.0  # faster-whisper's: the first segment starts in the chunk's first second
 COMPRESSION_LIMIT = 2.4  # faster-whisper's compression_ratio_threshold: above, the text repeats itself
 LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
-# Tokens a chunk may take, by its length: a loop otherwise runs to the model's 448 tokens whatever the audio
-# (a 2 s chunk then costs as much decoding as 30 s of speech). Measured on fast speech: at most about 6
-# tokens (timestamps included) per second (bench/README.md).
+# Tokens a chunk may take, by its length: a loop otherwise runs to the model's limit whatever the audio (a 2 s
+# chunk then costs as much decoding as 30 s of speech). Speech measured on the stress corpus: at most about 7
+# tokens (timestamps included) per second, so this caps only chunks under about 20 s, and only loops.
 TOKENS_PER_S = 10
 MIN_TOKENS = 32
 PREFETCH_REGIONS = 4  # speech regions decoded and cut by VAD ahead of the model (each at most 30 s)
@@ -490,8 +490,10 @@ class _Run:
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(encoder_output)[keep]))
 
     def _max_length(self, chunk: Chunk) -> int:
+        """CTranslate2's max_length for a chunk: Whisper's decoding stops at half of it in new tokens (measured
+        on 4.8: 30 for 60, 100 for 200, 224 for the model's 448)."""
         seconds = chunk.audio.shape[0] / SAMPLE_RATE
-        return min(self.model.max_length, len(self.prompt) + MIN_TOKENS + int(seconds * TOKENS_PER_S))
+        return min(self.model.max_length, 2 * (len(self.prompt) + MIN_TOKENS + int(seconds * TOKENS_PER_S)))
 
     def _judge(self, result, hypothesis: int, temperature: float) -> _Decoded:
         from faster_whisper.transcribe import get_compression_ratio
