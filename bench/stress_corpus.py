@@ -2,8 +2,9 @@
 a music bed, long silences, repeated words and numbers), generated, never committed (bench/README.md).
 
 Writes WAV files (16 kHz mono), their references and `corpus.json` into the output folder; a file already
-there is kept. `--size` picks how much: `full` (every voice at three speeds, 54 files, about 21 min of audio),
-`small` (every voice at one speed, 24 files) or `smoke` (one file per class).
+there is kept. `--size` picks how much: `full` (every voice at three speeds, 52 files, 17 min of audio), `small`
+(every voice at one speed, the noise with both voices, the rest with one: 23 files, 7.6 min) or `smoke`
+(one file per class).
 """
 
 from __future__ import annotations
