@@ -59,6 +59,11 @@ class Corpus:
             write_wav(self.root / "speech_16000.wav", samples, rate)
         return samples
 
+    def speech_wav(self) -> Path:
+        """The 12 s of speech as a 16 kHz mono WAV."""
+        self.speech()
+        return self.root / "speech_16000.wav"
+
     # -- sample rates --
     def make_rate_3hz_flac(self, path):
         # The issue's case: 10 KB declaring 14 000 s; each 4096-sample FLAC block is 1365 s at 3 Hz.
@@ -96,24 +101,31 @@ class Corpus:
         return path
 
     def make_declared_short_flac(self, path):  # STREAMINFO claims 1 s; 12 s of speech follow
-        ffmpeg("-i", self.root / "speech_16000.wav", "-c:a", "flac", path)
+        ffmpeg("-i", self.speech_wav(), "-c:a", "flac", path)
         flac_total_samples(path, SAMPLE_RATE)
+        return path
+
+    def make_rate_change_mp3(self, path):
+        # Two MP3s joined, as `cat` does: 12 s of speech at 16 kHz mono, then 12 s of faint noise at 22.05 kHz
+        # stereo (a 500 before: the resampler refused the second half's frames).
+        first, second = self.root / "part_speech.mp3", self.root / "part_noise.mp3"
+        ffmpeg("-i", self.speech_wav(), "-c:a", "libmp3lame", first)
+        ffmpeg("-f", "lavfi", "-i", "anoisesrc=r=22050:d=12:a=0.002:seed=1", "-ac", 2, "-c:a", "libmp3lame", second)
+        path.write_bytes(first.read_bytes() + second.read_bytes())
         return path
 
     # -- broken files --
     def make_truncated_flac(self, path):  # the first 40 % of a 12 s FLAC (its header still says 12 s)
-        self.speech()
         whole = self.root / "whole.flac"
-        ffmpeg("-i", self.root / "speech_16000.wav", "-c:a", "flac", whole)
+        ffmpeg("-i", self.speech_wav(), "-c:a", "flac", whole)
         data = whole.read_bytes()
         path.write_bytes(data[:len(data) * 4 // 10])
         return path
 
     def make_garbage_flac(self, path):  # a valid FLAC header, then 200 KB of random bytes
-        self.speech()
         whole = self.root / "whole.flac"
         if not whole.exists():
-            ffmpeg("-i", self.root / "speech_16000.wav", "-c:a", "flac", whole)
+            ffmpeg("-i", self.speech_wav(), "-c:a", "flac", whole)
         header = whole.read_bytes()[:42]  # "fLaC" + STREAMINFO
         path.write_bytes(header[:4] + bytes([header[4] | 0x80]) + header[5:] +
                          np.random.default_rng(1).bytes(200_000))
@@ -141,7 +153,7 @@ class Corpus:
 
     # -- frames --
     def make_long_frames_flac(self, path):  # 4 kHz with 65535-sample blocks: 16.4 s a frame
-        ffmpeg("-f", "lavfi", "-i", "anoisesrc=r=4000:d=40:a=0.1", "-c:a", "flac", "-frame_size", 65535, path)
+        ffmpeg("-f", "lavfi", "-i", "anoisesrc=r=4000:d=40:a=0.1:seed=1", "-c:a", "flac", "-frame_size", 65535, path)
         return path
 
     # -- video --
@@ -150,8 +162,7 @@ class Corpus:
         return path
 
     def make_video_8_audio_mkv(self, path):  # speech on the first audio stream, tones on the 7 others
-        self.speech()
-        args = ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=5:duration=12", "-i", self.root / "speech_16000.wav"]
+        args = ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=5:duration=12", "-i", self.speech_wav()]
         for i in range(7):
             args += ["-f", "lavfi", "-i", f"sine=f={300 + 100 * i}:r=16000:d=12"]
         maps = ["-map", "0:v"] + [x for i in range(1, 9) for x in ("-map", f"{i}:a")]
@@ -160,7 +171,7 @@ class Corpus:
 
 
 # Every file of the corpus, in the order the benchmark sends them.
-NAMES = ("rate_3hz.flac", "rate_2khz.wav", "rate_768khz.wav", "rate_8khz.wav", "rate_384khz.wav", "channels_64.wav",
-         "channels_9.wav", "declared_long.wav", "declared_short.flac", "truncated.flac", "garbage.flac",
-         "garbage.wav", "bomb.flac", "bomb_undeclared.flac", "long_frames.flac", "video_no_audio.mp4",
-         "video_8_audio.mkv")
+NAMES = ("rate_3hz.flac", "rate_2khz.wav", "rate_768khz.wav", "rate_8khz.wav", "rate_384khz.wav", "rate_change.mp3",
+         "channels_64.wav", "channels_9.wav", "declared_long.wav", "declared_short.flac", "truncated.flac",
+         "garbage.flac", "garbage.wav", "bomb.flac", "bomb_undeclared.flac", "long_frames.flac",
+         "video_no_audio.mp4", "video_8_audio.mkv")

@@ -68,8 +68,8 @@ def _kb(size: int) -> str:
 
 def too_dense(seconds: float, size: int) -> ApiError:
     return ApiError(422, "implausible_audio",
-                    f"the file holds {seconds:.0f} s of audio in {_kb(size)} of audio data, far more than any "
-                    f"recording does: past the first {FREE_SECONDS} s this service needs at least one byte per "
+                    f"the file holds {seconds:.0f} s of audio in {_kb(size)}, far more than any recording does:"
+                    f" past the first {FREE_SECONDS} s this service needs at least one byte per "
                     f"{MAX_SAMPLES_PER_BYTE} samples at {SAMPLE_RATE} Hz (2 kbit/s); send the recording as it "
                     "was made")
 
@@ -211,7 +211,7 @@ class PcmStream:
         """Resampled frames as float32 arrays; damaged packets are skipped and remembered."""
         assert self._container is not None, "use PcmStream as a context manager"
         stream = self._container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        resampler, setup = None, None
         try:
             for packet in self._container.demux(stream):
                 if packet.size > MAX_PACKET_BYTES:
@@ -230,11 +230,19 @@ class PcmStream:
                     self.frames_decoded += 1
                     if _unmixable(frame.layout):
                         frame = _mono(frame)
+                    # Joined files (MP3s cat'ed together) change rate or channels midway: a new resampler
+                    # takes over from there, once the previous one is flushed.
+                    if (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
+                        if resampler is not None:
+                            yield from self._resampled(resampler, None)
+                        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+                        setup = (frame.format.name, frame.layout.name, frame.sample_rate)
                     frame.pts = None  # a gap or overlap in the timestamps must not stop the resampler
                     yield from self._resampled(resampler, frame)
         except av.FFmpegError as exc:  # the container itself broke off: keep what was decoded
             self._error = exc
-        yield from self._resampled(resampler, None)
+        if resampler is not None:
+            yield from self._resampled(resampler, None)
 
     def blocks(self, seconds: float) -> Iterator[np.ndarray]:
         """Blocks of `seconds` (the last one shorter). Each sample is copied once, into its block: frames
