@@ -151,6 +151,10 @@ class Corpus:
         flac_total_samples(path, 0)
         return path
 
+    def make_silent_meeting_webm(self, path):  # not a bomb: 5 minutes of digital silence as Chrome's Opus
+        ffmpeg("-f", "lavfi", "-i", "anullsrc=r=48000:cl=mono", "-t", 300, "-c:a", "libopus", "-b:a", "32k", path)
+        return path
+
     # -- frames --
     def make_long_frames_flac(self, path):  # 4 kHz with 65535-sample blocks: 16.4 s a frame
         ffmpeg("-f", "lavfi", "-i", "anoisesrc=r=4000:d=40:a=0.1:seed=1", "-c:a", "flac", "-frame_size", 65535, path)

@@ -28,10 +28,11 @@ MAX_FRAME_S = 10.0  # codecs use frames of a few ms (FLAC's largest, 65535 sampl
 MAX_FRAME_VALUES = 1 << 21  # samples x channels in one decoded frame (8 MB as float32)
 MAX_PACKET_BYTES = 1 << 22  # one demuxed packet (4 MB; PCM packets hold a fraction of a second)
 # Decompression bombs: past its first minute, a file must hold at least one byte of audio data per
-# MAX_SAMPLES_PER_BYTE samples it decodes to (an average of 2 kbit/s at 16 kHz; the lowest speech codecs in
-# use, Opus at 6 kbit/s and AMR-NB at 4.75 kbit/s, stay well above). Digital silence in FLAC does not.
+# MAX_SAMPLES_PER_BYTE samples it decodes to (an average of 250 bit/s at 16 kHz). Speech codecs stay far above
+# (Opus 6 kbit/s, AMR-NB 4.75 kbit/s), and so does a meeting that is mostly silence in VBR Opus (about
+# 1 kbit/s while nobody speaks, container included); 4 hours of digital silence in FLAC is 57 KB, 16 bit/s.
 FREE_SECONDS = 60
-MAX_SAMPLES_PER_BYTE = 64
+MAX_SAMPLES_PER_BYTE = 512
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,16 @@ def _kb(size: int) -> str:
     return f"{size / 1024:.0f} KB" if size >= 1024 else f"{size} bytes"
 
 
+def _min_bitrate() -> int:
+    return SAMPLE_RATE * 8 // MAX_SAMPLES_PER_BYTE
+
+
 def too_dense(seconds: float, size: int) -> ApiError:
     return ApiError(422, "implausible_audio",
                     f"the file holds {seconds:.0f} s of audio in {_kb(size)}, far more than any recording does:"
                     f" past the first {FREE_SECONDS} s this service needs at least one byte per "
-                    f"{MAX_SAMPLES_PER_BYTE} samples at {SAMPLE_RATE} Hz (2 kbit/s); send the recording as it "
-                    "was made")
+                    f"{MAX_SAMPLES_PER_BYTE} samples at {SAMPLE_RATE} Hz ({_min_bitrate()} bit/s); send the "
+                    "recording as it was made")
 
 
 def check_format(rate: int, channels: int, frame_samples: int = 0) -> None:
