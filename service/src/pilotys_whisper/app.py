@@ -330,6 +330,7 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     @app.post("/transcribe")
     def transcribe_legacy():
         state.authenticate()
+        state.admission.refuse_if_full()
         params = TranscriptionParams.parse(state, legacy=True)
         result = run_transcription(state, params)
         return jsonify(to_legacy(result))
@@ -345,6 +346,7 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
 
 def _openai_route(state: ServiceState, task: str):
     state.authenticate()
+    state.admission.refuse_if_full()
     params = TranscriptionParams.parse(state, task=task)
     result = run_transcription(state, params)
     body, content_type = render(result, params.response_format, task, params.granularities)
