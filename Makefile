@@ -15,13 +15,14 @@ export PATH := $(BIN):$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
-	molecule test-cluster unit test demo demo-down bench
+	molecule test-cluster unit test demo demo-down bench bench-load
 
 help:
 	@echo "make demo       provision a local disposable host and transcribe a sample over HTTPS"
 	@echo "make demo-down  remove the demo host"
 	@echo "make test       every test: lint, service, Ansible, client, rig, container, Molecule"
 	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
+	@echo "make bench-load the service saturated on loopback: /health latency, 429s, errors, memory"
 	@echo "make test-cluster  a gateway, a job queue and three workers on disposable hosts (not part of make test)"
 
 deps:
@@ -82,3 +83,6 @@ demo-down:
 
 bench: venv assets
 	bench/run
+
+bench-load: venv assets
+	bench/run --load

@@ -58,8 +58,6 @@ def test_a_keys_file_parses_or_is_refused_with_a_value_error(text):
     assert len(entries) == len(keys) and all(len(key) >= MIN_KEY_LENGTH for key in keys)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14, keys and grants: the parse error quotes the option, which may be "
-                   "a second key (helper C's fix); remove this mark once it is merged")
 @bounded(200)
 @given(keys_text)
 @example("alpha-key-0123456789 bravo-key-0123456789")
@@ -99,7 +97,7 @@ _json = st.recursive(
     max_leaves=10)
 _claims = st.one_of(
     _json,
-    st.fixed_dictionaries({"kid": st.one_of(st.just(PRINCIPAL.key_id), _json),
+    st.fixed_dictionaries({"kid": st.one_of(st.just(PRINCIPAL.kid), _json),
                            "exp": st.one_of(st.integers(), st.floats(), st.text(max_size=5), _json),
                            "idem": _json, "fields": _json}))
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+from pilotys_whisper import app as app_module
 from pilotys_whisper.app import create_app
 from pilotys_whisper.server import make_server
 
@@ -320,7 +321,7 @@ def _post_file(url, audio, results, index):
         results[index] = requests.post(url + "/transcribe", files={"file": f}, headers=AUTH, timeout=30)
 
 
-def test_queue_full_gives_429_and_health_stays_fast(served, audio):
+def test_queue_full_gives_429_and_health_stays_fast(served, audio, monkeypatch):
     url, engine = served
     engine.release.clear()
     results = [None, None, None]
@@ -333,9 +334,13 @@ def test_queue_full_gives_429_and_health_stays_fast(served, audio):
     while "whisper_queue_depth 1.0" not in requests.get(url + "/metrics", timeout=5).text:
         assert time.monotonic() < deadline, "the second request never queued"
         time.sleep(0.05)
+    probed = []
+    monkeypatch.setattr(app_module, "probe", lambda path, probe=app_module.probe: probed.append(path) or probe(path))
     _post_file(url, audio, results, 2)
     busy = results[2]
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
+    # Refused before its form is parsed and its audio probed: a saturated service spends nothing on a 429.
+    assert probed == []
     assert int(busy.headers["Retry-After"]) >= 1
     started = time.monotonic()
     assert requests.get(url + "/health", timeout=5).status_code == 200

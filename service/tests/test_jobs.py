@@ -1,5 +1,6 @@
 """Jobs for long meetings: acceptance, idempotency, isolation, cancel, progress, webhooks, purge, disk full."""
 
+import hashlib
 import http.server
 import json
 import ssl
@@ -162,6 +163,9 @@ def test_an_upload_grant_creates_one_job_with_the_options_it_fixed(app, audio, e
 
     elsewhere = grants.verify(KeyRing(keys_file=keys_file), f"Bearer {issued['token']}")
     assert elsewhere.principal.label == "alice" and elsewhere.fields == {"language": "en", "response_format": "text"}
+    # The browser reads the grant's claims: the kid there is no part of a hash of the key.
+    kid = json.loads(grants._unb64(issued["token"].split(".")[1]))["kid"]
+    assert kid not in hashlib.sha256(ALICE.encode()).hexdigest()
     assert issued["upload_url"] == "/v1/jobs" and issued["idempotency_key"] == "meeting-42"
     # The browser cannot change what the grant fixed.
     first = upload_with(client, audio, issued["token"], language="de", response_format="srt")
@@ -204,7 +208,12 @@ def test_an_upload_grant_is_refused_forged_expired_revoked_or_elsewhere(app, aud
     for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/uploads"), ("POST", "/v1/audio/transcriptions"),
                          ("POST", "/transcribe"), ("GET", "/v1/models")):
         r = client.open(path, method=method, headers={"Authorization": f"Bearer {token}"})
-        assert r.status_code == 401 and r.get_json()["error"]["code"] == "upload_grant_not_accepted", path
+        # A valid token that does not allow this: 403 insufficient_scope (RFC 6750 section 3.1), not 401.
+        assert r.status_code == 403 and r.get_json()["error"]["code"] == "upload_grant_not_accepted", path
+        assert r.headers["WWW-Authenticate"] == 'Bearer realm="whisper", error="insufficient_scope"'
+    # A forged grant is no valid token anywhere: 401.
+    r = client.get("/v1/jobs", headers={"Authorization": f"Bearer {forged_claims}.{signature}"})
+    assert r.status_code == 401 and "invalid_token" in r.headers["WWW-Authenticate"]
     assert engine.calls == []
     # Removing the key revokes its grants.
     keys_file.write_text(f"{BOB} label=bob\n")
@@ -575,3 +584,118 @@ def test_simultaneous_submissions_with_one_idempotency_key_make_one_job(postgres
         assert len(app.test_client().get("/v1/jobs", headers=auth(ALICE)).get_json()["data"]) == 1
     finally:
         app.extensions["whisper"].jobs.stop()
+
+
+NEW_ALICE = "alice-new-key-9876543210"
+
+
+def stop(app):
+    app.extensions["whisper"].jobs.stop()
+
+
+def test_a_key_rotation_keeps_the_clients_jobs_and_webhooks(make_app, keys_file, audio, receiver):
+    """The rotation of the README: the new key next to the old one (same label and webhook secret), restart,
+    the client switches, the old key removed, restart. A job sent with the old key and still running
+    throughout is read, and its webhook signed, for the new key."""
+    url, ca, received = receiver
+    hooks = {"WHISPER_WEBHOOK_ALLOW_PRIVATE": "127.0.0.0/8", "WHISPER_WEBHOOK_CA_FILE": ca}
+    engine = FakeEngine()
+    engine.release.clear()
+    app = make_app(engine, **hooks)
+    try:
+        job_id = submit(app.test_client(), audio, callback_url=url,
+                        headers={"Idempotency-Key": "meeting-1"}).get_json()["id"]
+        assert engine.started.wait(10)
+    finally:
+        stop(app)  # the running job goes back to the queue
+    keys_file.write_text(f"{ALICE} label=alice webhook_secret={SECRET}\n"
+                         f"{NEW_ALICE} label=alice webhook_secret={SECRET}\n{BOB} label=bob\n")
+    app = make_app(engine, **hooks)
+    try:
+        client = app.test_client()
+        assert client.get(f"/v1/jobs/{job_id}", headers=auth(NEW_ALICE)).get_json()["status"] in ("queued", "running")
+        # The same client: a retry with the new key is the same job, not a second one.
+        again = submit(client, audio, key=NEW_ALICE, headers={"Idempotency-Key": "meeting-1"})
+        assert again.status_code == 200 and again.get_json()["id"] == job_id
+    finally:
+        stop(app)
+    keys_file.write_text(f"{NEW_ALICE} label=alice webhook_secret={SECRET}\n{BOB} label=bob\n")
+    engine.release.set()
+    app = make_app(engine, **hooks)
+    try:
+        client = app.test_client()
+        assert client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).status_code == 401
+        wait_status(client, job_id, ("succeeded",), key=NEW_ALICE)
+        assert [j["id"] for j in client.get("/v1/jobs", headers=auth(NEW_ALICE)).get_json()["data"]] == [job_id]
+        assert client.get(f"/v1/jobs/{job_id}/result", headers=auth(NEW_ALICE)).status_code == 200
+        deadline = time.monotonic() + 30
+        while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(NEW_ALICE)).get_json())["webhook"]["status"] \
+                == "pending":
+            assert time.monotonic() < deadline, job["webhook"]
+            time.sleep(0.1)
+        assert job["webhook"]["status"] == "delivered", job["webhook"]
+        headers, body, _ = received[-1]
+        assert verify(SECRET, headers["Whisper-Signature"], body) and json.loads(body)["data"]["id"] == job_id
+        assert client.get(f"/v1/jobs/{job_id}", headers=auth(BOB)).status_code == 404
+    finally:
+        stop(app)
+
+
+def test_jobs_stored_under_a_key_id_by_an_earlier_version_follow_the_rotation(make_app, keys_file, audio):
+    """Earlier versions stored a job's owner as the key's id (16 hex digits of its SHA-256): at start, and with
+    each purge (workers not yet upgraded still write such rows), they go to the key's client."""
+    key_id = hashlib.sha256(ALICE.encode()).hexdigest()[:16]
+    app = make_app()
+    try:
+        client = app.test_client()
+        store = app.extensions["whisper"].jobs.store
+        seen = submit(client, audio, headers={"Idempotency-Key": "same"}).get_json()["id"]
+        old = submit(client, audio, headers={"Idempotency-Key": "other"}).get_json()["id"]
+        clash = submit(client, audio).get_json()["id"]
+        for job_id in (seen, old, clash):
+            wait_status(client, job_id, ("succeeded",))
+        # As an earlier version wrote them; the last one reused an idempotency key under the other owner.
+        store.execute("UPDATE jobs SET owner = ? WHERE id IN (?, ?)", (key_id, old, clash))
+        store.execute("UPDATE jobs SET idempotency_key = 'same' WHERE id = ?", (clash,))
+    finally:
+        stop(app)
+    app = make_app()  # the upgrade
+    try:
+        client = app.test_client()
+        store = app.extensions["whisper"].jobs.store
+        assert store.query("SELECT owner FROM jobs WHERE owner = ?", (key_id,)) == []
+        # A worker of the previous version writes one more while this one runs: adopted at the next purge.
+        store.execute("UPDATE jobs SET owner = ? WHERE id = ?", (key_id, seen))
+        deadline = time.monotonic() + 10
+        while store.query("SELECT owner FROM jobs WHERE owner = ?", (key_id,)):
+            assert time.monotonic() < deadline, "not adopted by the housekeeping"
+            time.sleep(0.1)
+    finally:
+        stop(app)
+    keys_file.write_text(f"{NEW_ALICE} label=alice webhook_secret={SECRET}\n{BOB} label=bob\n")  # the rotation
+    app = make_app()
+    try:
+        client = app.test_client()
+        for job_id in (seen, old, clash):
+            assert client.get(f"/v1/jobs/{job_id}", headers=auth(NEW_ALICE)).get_json()["status"] == "succeeded"
+        again = submit(client, audio, key=NEW_ALICE, headers={"Idempotency-Key": "same"})
+        assert again.status_code == 200 and again.get_json()["id"] == seen
+        assert len(client.get("/v1/jobs", headers=auth(NEW_ALICE)).get_json()["data"]) == 3
+    finally:
+        stop(app)
+
+
+def test_a_new_whisper_api_key_keeps_the_jobs_of_the_old_one(make_app, audio):
+    """One key from the environment is the client "default": replacing the variable keeps its jobs."""
+    old_key, new_key = "env-old-key-0123456789", "env-new-key-0123456789"
+    app = make_app(WHISPER_API_KEYS_FILE="", WHISPER_API_KEY=old_key)
+    try:
+        job_id = submit(app.test_client(), audio, key=old_key).get_json()["id"]
+        wait_status(app.test_client(), job_id, ("succeeded",), key=old_key)
+    finally:
+        stop(app)
+    app = make_app(WHISPER_API_KEYS_FILE="", WHISPER_API_KEY=new_key)
+    try:
+        assert app.test_client().get(f"/v1/jobs/{job_id}", headers=auth(new_key)).status_code == 200
+    finally:
+        stop(app)

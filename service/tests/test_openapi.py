@@ -239,8 +239,8 @@ def test_real_transcripts_and_jobs_match_the_contract(live, contract, speech, me
     _check(contract, "POST", "/v1/jobs", post("/v1/jobs", file=silence, headers=as_browser), 202)
     _check(contract, "POST", "/v1/jobs", post("/v1/jobs", file=silence, headers=as_browser), 200)
     refused = requests.get(url + "/v1/models", headers=as_browser, timeout=5)
-    assert refused.status_code in (401, 403)  # 401 today, 403 insufficient_scope once RFC 6750 is followed
-    _check(contract, "GET", "/v1/models", refused, refused.status_code)
+    assert refused.status_code == 403  # a valid token without the scope: insufficient_scope (RFC 6750 3.1)
+    _check(contract, "GET", "/v1/models", refused, 403)
     for path in ("/health", "/ready", "/metrics", "/openapi.json"):
         _check(contract, "GET", path, requests.get(url + path, timeout=5), 200)
 

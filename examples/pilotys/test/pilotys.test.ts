@@ -172,7 +172,7 @@ describe("PILOTYS with pilotys-whisper", () => {
     assert.equal(again.id, job.id);
     // The grant does nothing else: not even read the job it made.
     await assert.rejects(getResult(job.id, "text", { ...config, apiKey: grant.token }),
-      (error: unknown) => error instanceof WhisperError && error.status === 401 && error.code === "upload_grant_not_accepted");
+      (error: unknown) => error instanceof WhisperError && error.status === 403 && error.code === "upload_grant_not_accepted");
     const refused = await grantRoute(new Request("https://app.example/api/transcriptions", { method: "POST", body: "{}" }));
     assert.equal(refused.status, 400);
   });

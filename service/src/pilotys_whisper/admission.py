@@ -37,6 +37,21 @@ class Admission:
         ahead = self._waiting + self._running
         return max(1, math.ceil(self._avg_s * ahead / self.concurrency))
 
+    def refuse_if_full(self) -> None:
+        """slot()'s 429, before the request's form is parsed and its audio probed: refusing then costs next to
+        nothing, so a saturated service keeps its HTTP threads for /health and what it accepted (bench/load.py).
+        slot() checks again: a place taken meanwhile is still refused."""
+        with self._cond:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        if self._running >= self.concurrency and self._waiting >= self.queue_size:
+            seconds = self.retry_after()
+            raise ApiError(429, "server_busy",
+                           f"all {self.concurrency} transcription slot(s) and the {self.queue_size} queue place(s) "
+                           f"are taken; retry in about {seconds} s",
+                           headers={"Retry-After": str(seconds)})
+
     @contextmanager
     def slot(self, *, bounded_queue: bool = True) -> Iterator[None]:
         """Run inside a slot. A request that finds every slot and the queue taken gets 429 at once.
@@ -45,12 +60,8 @@ class Admission:
         without taking one of the synchronous callers' queue places.
         """
         with self._cond:
-            if bounded_queue and self._running >= self.concurrency and self._waiting >= self.queue_size:
-                seconds = self.retry_after()
-                raise ApiError(429, "server_busy",
-                               f"all {self.concurrency} transcription slot(s) and the {self.queue_size} queue place(s) "
-                               f"are taken; retry in about {seconds} s",
-                               headers={"Retry-After": str(seconds)})
+            if bounded_queue:
+                self._refuse_if_full()
             self._waiting += bounded_queue
             try:
                 while self._running >= self.concurrency:

@@ -25,6 +25,7 @@ from .engines import Engine, TranscribeOptions, build_engine
 from .errors import ApiError, http_error
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .grants import is_grant
+from .grants import verify as verify_grant
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import served as served_openapi
 from .settings import LANGUAGES, Settings
@@ -105,7 +106,10 @@ class ServiceState:
 
     def authenticate(self) -> Principal:
         if is_grant(request.headers.get("Authorization")):
-            raise ApiError(401, "upload_grant_not_accepted",
+            # A forged or expired grant is 401 invalid_token; a valid one lacks the right to do this: 403
+            # insufficient_scope (RFC 6750 section 3.1), not 401, which would tell the client to authenticate.
+            verify_grant(self.keyring, request.headers["Authorization"])
+            raise ApiError(403, "upload_grant_not_accepted",
                            "an upload grant only creates a job (POST /v1/jobs); use the API key here",
                            headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
         principal = self.keyring.authenticate(request.headers.get("Authorization"))
@@ -326,6 +330,7 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     @app.post("/transcribe")
     def transcribe_legacy():
         state.authenticate()
+        state.admission.refuse_if_full()
         params = TranscriptionParams.parse(state, legacy=True)
         result = run_transcription(state, params)
         return jsonify(to_legacy(result))
@@ -341,6 +346,7 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
 
 def _openai_route(state: ServiceState, task: str):
     state.authenticate()
+    state.admission.refuse_if_full()
     params = TranscriptionParams.parse(state, task=task)
     result = run_transcription(state, params)
     body, content_type = render(result, params.response_format, task, params.granularities)

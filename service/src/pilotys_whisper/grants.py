@@ -5,9 +5,10 @@ cannot pass through them. So the function asks this service for a grant (a small
 key), hands the grant to the browser, and the browser uploads the file to POST /v1/jobs with it.
 
 A grant is a signed, short-lived token that allows one thing: creating one job, with the options fixed
-when it was issued (language, callback URL, ...), owned by the key that asked for it. It is stateless:
+when it was issued (language, callback URL, ...), owned by the client whose key asked for it. It is stateless:
 signed with a secret derived from that key, so every worker holding the same keys file accepts it, and
-removing the key revokes its grants. It always carries an idempotency key, so a grant used twice (a retry,
+removing the key revokes its grants. The key is named by its kid, a MAC under that same secret: the browser
+holding the grant learns no hash of the key. It always carries an idempotency key, so a grant used twice (a retry,
 or a leaked token) yields the same job, never a second transcription.
 
 Format: `wug1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(grant secret, "wug1.<claims>"))>`.
@@ -66,13 +67,13 @@ def _signature(secret: bytes, signed: str) -> bytes:
 def issue(keyring: KeyRing, principal: Principal, fields: dict[str, str | list[str]], *,
           idempotency_key: str | None, ttl_s: int) -> tuple[str, Grant]:
     """A token for `principal` (authenticated with its key just before) to create one job."""
-    entry = keyring.entry_for(principal.key_id)
+    entry = keyring.entry_for(principal.kid)
     if entry is None:  # the key was removed between authentication and now
         raise ApiError(401, "invalid_api_key", "the API key is not valid")
     secret = entry.grant_secret
     grant = Grant(principal=principal, idempotency_key=idempotency_key or "grant-" + secrets.token_urlsafe(16),
                   fields=fields, expires_at=int(time.time()) + ttl_s)
-    claims = {"kid": principal.key_id, "idem": grant.idempotency_key, "exp": grant.expires_at, "fields": fields}
+    claims = {"kid": entry.principal.kid, "idem": grant.idempotency_key, "exp": grant.expires_at, "fields": fields}
     signed = PREFIX + _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     return f"{signed}.{_b64(_signature(secret, signed))}", grant
 
@@ -85,14 +86,14 @@ def verify(keyring: KeyRing, authorization: str) -> Grant:
                        headers={"WWW-Authenticate": 'Bearer realm="whisper", error="invalid_token"'})
     try:
         claims = json.loads(_unb64(signed[len(PREFIX):]))
-        key_id, expires_at = str(claims["kid"]), int(claims["exp"])
+        kid, expires_at = str(claims["kid"]), int(claims["exp"])
         idempotency_key, fields = str(claims["idem"]), dict(claims["fields"])
         given = _unb64(signature)
     # The signature is not checked yet: any claims end as this 401, "exp": 1e400 (OverflowError) and arrays nested
     # past the JSON parser's limit (RecursionError) included, not as a 500.
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise invalid from None
-    entry = keyring.entry_for(key_id)
+    entry = keyring.entry_for(kid)
     # A removed key's grants fail here, exactly like forged ones.
     if entry is None or not hmac.compare_digest(given, _signature(entry.grant_secret, signed)):
         raise invalid

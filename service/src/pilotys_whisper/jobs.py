@@ -216,6 +216,7 @@ class JobManager:
             requeued = self.store.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
             if requeued:
                 log.warning("%d interrupted job(s) queued again", requeued)
+        self.adopt_key_owned_jobs()
         self.store.start()
         self.spawn(self._housekeeping, "job-housekeeping")
 
@@ -283,7 +284,7 @@ class JobManager:
             idempotency_key = self._idempotency_key(request.headers.get("Idempotency-Key"), param=None)
             fields = request.form
         if idempotency_key:
-            existing = self._by_idempotency_key(principal.key_id, idempotency_key)
+            existing = self._by_idempotency_key(principal.owner, idempotency_key)
             if existing is not None:
                 return self._replayed(existing)
         callback_url = (fields.get("callback_url") or "").strip() or None
@@ -298,14 +299,14 @@ class JobManager:
                 if idempotency_key:
                     # A concurrent retry with the same key may have won the race: answer with its job.
                     row = db.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                                     (principal.key_id, idempotency_key)).fetchone()
+                                     (principal.owner, idempotency_key)).fetchone()
                     if row is not None:
                         raise _Replay(row)
                 db.execute(
                     "INSERT INTO jobs (id, owner, status, created_at, filename, size, duration, options, "
                     "response_format, callback_url, idempotency_key, webhook_status) "
                     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, principal.key_id, time.time(), params.filename[:255], params.size,
+                    (job_id, principal.owner, time.time(), params.filename[:255], params.size,
                      params.options.duration_hint, json.dumps(options), params.response_format, callback_url,
                      idempotency_key, "pending" if callback_url else "none"))
                 self.store.enqueue(db, job_id)
@@ -313,7 +314,7 @@ class JobManager:
             return self._replayed(replay.row)
         except DuplicateJob:
             # The other submission with this key committed while this one waited for it (PostgreSQL): its job.
-            existing = self._by_idempotency_key(principal.key_id, idempotency_key)
+            existing = self._by_idempotency_key(principal.owner, idempotency_key)
             if existing is None:
                 raise
             return self._replayed(existing)
@@ -332,7 +333,7 @@ class JobManager:
         status = request.args.get("status")
         if status is not None and status not in STATUSES:
             raise ApiError(400, "invalid_status", f"status must be one of {', '.join(STATUSES)}", param="status")
-        sql, args = "SELECT * FROM jobs WHERE owner = ?", [principal.key_id]
+        sql, args = "SELECT * FROM jobs WHERE owner = ?", [principal.owner]
         if status:
             sql, args = sql + " AND status = ?", args + [status]
         rows = self.store.query(sql + " ORDER BY created_at DESC LIMIT ?", [*args, limit])
@@ -393,7 +394,7 @@ class JobManager:
 
     def _owned(self, job_id: str):
         principal = self.state.authenticate()
-        row = self._one("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, principal.key_id))
+        row = self._one("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, principal.owner))
         if row is None:  # another key's job looks exactly like a missing one
             raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
         return row
@@ -591,6 +592,7 @@ class JobManager:
                     log.exception("job housekeeping failed")
             if time.monotonic() - last_purge >= self.settings.job_purge_interval_s:
                 try:
+                    self.adopt_key_owned_jobs()  # rows a worker of the previous version wrote meanwhile
                     self.purge()
                 except Exception:  # noqa: BLE001 - as above
                     log.exception("job purge failed")
@@ -661,6 +663,32 @@ class JobManager:
         if expired:
             log.info("purged %d expired job(s)", len(expired))
         return len(expired)
+
+    def adopt_key_owned_jobs(self) -> int:
+        """Give the jobs that earlier versions stored under a key's id to the key's client (its label), so that
+        they survive the key's rotation. Runs at start and with each purge: in a cluster upgraded one worker at a
+        time, the workers not yet upgraded still write such rows."""
+        pairs = dict(self.state.keyring.adoptions())
+        if not pairs:
+            return 0
+        marks = ", ".join("?" * len(pairs))
+        found = [r["owner"] for r in self.store.query(
+            f"SELECT DISTINCT owner FROM jobs WHERE owner IN ({marks})", list(pairs))]  # noqa: S608 - only ?s
+        moved = 0
+        for key_owner in found:
+            owner = pairs[key_owner]
+            with self.store.transaction() as db:
+                moved += db.execute(
+                    "UPDATE jobs SET owner = ? WHERE owner = ? AND (idempotency_key IS NULL OR idempotency_key "
+                    "NOT IN (SELECT idempotency_key FROM jobs WHERE owner = ? AND idempotency_key IS NOT NULL))",
+                    (owner, key_owner, owner)).rowcount
+                # Two keys of the client used the same idempotency key: the job the client has already seen
+                # keeps it, this one stays readable without it.
+                moved += db.execute("UPDATE jobs SET owner = ?, idempotency_key = NULL WHERE owner = ?",
+                                    (owner, key_owner)).rowcount
+        if moved:
+            log.info("%d job(s) stored under a key's id now belong to its client", moved)
+        return moved
 
 
 def event_id(job_id: str, event_type: str) -> str:

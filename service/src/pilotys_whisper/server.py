@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import threading
 import time
@@ -48,6 +49,21 @@ class _JsonErrorChannel(HTTPChannel):
     error_task_class = _JsonErrorTask
 
 
+# Open connections, idle ones included (keep-alive, or a client that never finishes its headers), count against
+# this; past it waitress accepts nothing more, /health included. 200 slow clients used to stop the service
+# (bench/load.py). Each costs a socket and a buffer, not a thread; the units allow 4096 descriptors.
+CONNECTION_LIMIT = 1000
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise the soft limit on descriptors (often 1024 outside the units) up to the hard one if it is lower
+    than the connections allowed: past it accept() fails and the service stops taking connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def make_server(app, settings):
     server = create_server(
         app,
@@ -57,7 +73,8 @@ def make_server(app, settings):
         # A hard cap before the app: bodies over it are refused as soon as their length is known.
         max_request_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD,
         channel_timeout=300,
-        connection_limit=200,
+        connection_limit=CONNECTION_LIMIT,
+        asyncore_use_poll=True,  # select() cannot watch a descriptor past 1023: poll() has no such limit
         ident="whisper-service",
         clear_untrusted_proxy_headers=True,
     )
@@ -80,6 +97,7 @@ def _busy(channel) -> bool:
 def run(app, settings) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, let the requests in flight finish (up to DRAIN_S), stop
     the background work and remove what is left of the uploads."""
+    _allow_open_files(CONNECTION_LIMIT + 256)  # the connections, plus the model, uploads, logs and the database
     server = make_server(app, settings)
     state = app.extensions["whisper"]
     stopping, hurry = threading.Event(), threading.Event()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .auth import MIN_KEY_LENGTH
+from .auth import MIN_KEY_LENGTH, KeyRing
 
 # Names faster-whisper and openai-whisper download by name. A path to a local model is accepted too.
 MODEL_NAMES = (
@@ -190,6 +190,11 @@ class Settings:
                 raise SettingsError(f"WHISPER_MODEL={settings.model} (WHISPER_ENGINE=openai-whisper): {exc}") from None
         if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
             raise SettingsError(f"WHISPER_API_KEYS_FILE={settings.api_keys_file} is not a readable file")
+        if settings.auth_enabled:
+            try:  # what the service will read at start-up, so that check-config refuses it too
+                KeyRing(settings.api_key, settings.api_keys_file, webhook_secret=settings.webhook_secret)
+            except (OSError, ValueError) as exc:
+                raise SettingsError(f"WHISPER_API_KEYS_FILE: {exc}") from None
         return settings
 
 
@@ -229,6 +234,8 @@ def _check_language(value: str) -> str | None:
 
 
 def _check_api_key(value: str) -> str | None:
+    if len(value.split()) > 1:  # "OLDKEY NEWKEY": neither would work
+        return "must be one key, without spaces (to accept several keys, use WHISPER_API_KEYS_FILE)"
     # The rule of the keys file (auth.parse_keys): a short key is one an attacker can guess.
     if len(value) < MIN_KEY_LENGTH:
         return (f"must be at least {MIN_KEY_LENGTH} characters (it is {len(value)}); "
@@ -270,7 +277,8 @@ class _Reader:
         return value or None
 
     def _fail(self, name: str, value: str, why: str) -> None:
-        shown = "********" if "KEY" in name and "FILE" not in name else value
+        secret = any(word in name for word in ("KEY", "SECRET", "DATABASE_URL")) and not name.endswith("FILE")
+        shown = "********" if secret else value
         self.errors.append(f"{name}={shown!r} {why}")
 
     def raise_errors(self) -> None:
