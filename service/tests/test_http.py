@@ -3,7 +3,9 @@
 Uploads are still probed by the real decoder (PyAV): only the model is replaced.
 """
 
+import collections
 import io
+import json
 import logging
 import threading
 import time
@@ -12,6 +14,7 @@ import pytest
 import requests
 
 from pilotys_whisper.app import create_app
+from pilotys_whisper.forms import MAX_FIELDS_BODY_BYTES, MAX_FORM_FIELDS_BYTES, MAX_FORM_PARTS
 from pilotys_whisper.server import make_server
 
 from conftest import KEY, FakeEngine, make_settings
@@ -142,22 +145,123 @@ def test_too_large_is_413_json(client):
     assert_error(post(client, file=(big, "big.wav")), 413, "file_too_large")
 
 
-def test_a_form_over_its_limits_is_413_form_too_large(client, audio):
-    many = {f"field{i}": "x" for i in range(1001)}
+def test_a_form_over_its_limits_is_413_form_too_large(client, audio, engine):
+    many = {f"field{i}": "x" for i in range(MAX_FORM_PARTS)}  # with the file: one part too many
     r = post(client, file=upload(audio, "fr_meeting.wav"), **many)
     assert_error(r, 413, "form_too_large")
-    assert "1000 parts" in r.get_json()["error"]["message"]
-    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="x" * (1024 * 1024 + 1))
+    assert f"{MAX_FORM_PARTS} parts" in r.get_json()["error"]["message"]
+    del many["field0"]
+    assert post(client, file=upload(audio, "fr_meeting.wav"), **many).status_code == 200
+    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="x" * (MAX_FORM_FIELDS_BYTES + 1))
     assert_error(r, 413, "form_too_large")
-    assert "1024 KB" in r.get_json()["error"]["message"]
-    # The audio without a filename is a plain field: above 1 MB it breaks the same limit, below it is no file.
+    assert f"{MAX_FORM_FIELDS_BYTES // 1024} KB in all" in r.get_json()["error"]["message"]
+    # The longest prompt allowed, in four-byte characters (16 KB), next to every other field: within bounds.
+    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="🎙" * 4000, model="whisper-1", language="fr",
+             temperature="0.2", response_format="verbose_json", **{"timestamp_granularities[]": ["word", "segment"]})
+    assert r.status_code == 200 and engine.calls[-1][1].prompt == "🎙" * 4000
+    # The audio without a filename is a plain field: above the fields' budget it breaks it, below it is no file.
     wav = audio("fr_meeting.wav").read_bytes()
     r = post(client, file=(io.BytesIO(wav), None))
     assert_error(r, 413, "form_too_large")
     assert "file part" in r.get_json()["error"]["message"]
-    r = post(client, file=(io.BytesIO(wav[:100_000]), None))
+    r = post(client, file=(io.BytesIO(wav[:50_000]), None))
     assert_error(r, 400, "missing_file")
     assert "file part" in r.get_json()["error"]["message"]
+
+
+class CountedBody(io.RawIOBase):
+    """A request body made of PIECES, read as the server asks for it (the test holds no copy of a large body),
+    that counts the bytes the server read."""
+
+    def __init__(self, pieces: list[bytes]):
+        self._pieces = collections.deque(memoryview(piece) for piece in pieces)
+        self.length = sum(len(piece) for piece in pieces)
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pieces and not len(self._pieces[0]):
+            self._pieces.popleft()
+        if not self._pieces:
+            return 0
+        piece = self._pieces[0]
+        n = min(len(buffer), len(piece))
+        buffer[:n] = piece[:n]
+        self._pieces[0] = piece[n:]
+        self.read_bytes += n
+        return n
+
+
+BOUNDARY = "test-boundary-7f3a"
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> CountedBody:
+    """A multipart/form-data body of (name, filename or None, data) parts."""
+    pieces = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        pieces += [f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode(), data, b"\r\n"]
+    pieces.append(f"--{BOUNDARY}--\r\n".encode())
+    return CountedBody(pieces)
+
+
+def send(app, path, body: CountedBody, content_type: str, headers=AUTH):
+    """POST BODY to APP as a WSGI server would hand it over (the test client wants a seekable body)."""
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    environ = EnvironBuilder(path, method="POST", headers=headers).get_environ()
+    environ.update({"wsgi.input": body, "CONTENT_LENGTH": str(body.length), "CONTENT_TYPE": content_type})
+    app_iter, status, response_headers = run_wsgi_app(app, environ, buffered=True)
+    return app.response_class(b"".join(app_iter), status=status, headers=response_headers)
+
+
+def test_the_fields_that_are_not_files_are_bounded_together(audio, tmp_uploads, engine):
+    """Issue 14: 200 text fields of 500 KB next to a file were all held in memory (200 OK, +100 MB per request).
+    The parser now stops at the fields' budget: it reads little more than that budget of the body."""
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_UPLOAD_MB=200), engine,
+                     load_model=False)
+    app.extensions["whisper"].load_model()
+    junk = b"x" * 500_000
+    body = multipart([("file", "fr_meeting.wav", audio("fr_meeting.wav").read_bytes()),
+                      *((f"note{i}", None, junk) for i in range(200))])
+    r = send(app, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={BOUNDARY}")
+    assert_error(r, 413, "form_too_large")
+    # The file, then a few times the fields' budget (the parser reads 64 KB at a time): not the 100 MB sent.
+    assert body.read_bytes < audio("fr_meeting.wav").stat().st_size + 4 * MAX_FORM_FIELDS_BYTES, body.read_bytes
+    assert not engine.calls and list(tmp_uploads.iterdir()) == []
+
+
+def test_bodies_of_fields_only_are_bounded_before_they_are_read(app):
+    """JSON and url-encoded bodies are read into memory whole: anything over a few KB is refused unread."""
+    fields = CountedBody([b"prompt=" + b"x" * 1_000_000])
+    r = send(app, "/v1/audio/transcriptions", fields, "application/x-www-form-urlencoded")
+    assert_error(r, 413, "body_too_large")
+    assert f"{MAX_FIELDS_BODY_BYTES // 1024} KB" in r.get_json()["error"]["message"]
+    assert fields.read_bytes == 0
+
+
+@pytest.fixture
+def jobs_app(tmp_path, tmp_uploads):
+    """Jobs enabled (upload grants), nothing running in the background."""
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_STATE_DIR=tmp_path / "state"), FakeEngine(),
+                     load_model=False)
+    app.extensions["whisper"].load_model()
+    yield app
+    app.extensions["whisper"].jobs.stop()
+
+
+def test_an_upload_grants_json_is_bounded_before_it_is_read(jobs_app):
+    client = jobs_app.test_client()
+    body = CountedBody([json.dumps({"language": "fr", "prompt": "x" * 1_000_000}).encode()])
+    r = send(jobs_app, "/v1/uploads", body, "application/json")
+    assert_error(r, 413, "body_too_large")
+    assert body.read_bytes == 0
+    # The longest prompt, each character escaped (\uXXXX, as Python's json does by default), fits.
+    r = client.post("/v1/uploads", data=json.dumps({"language": "ja", "prompt": "会" * 4000}),
+                    content_type="application/json", headers=AUTH)
+    assert r.status_code == 201, r.get_json()
 
 
 def test_too_long_is_413(app, audio, tmp_uploads):

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
+from . import __version__, forms
 from .admission import Admission
 from .audio import probe, too_long
 from .auth import KeyRing, Principal
@@ -47,8 +47,9 @@ class UploadRequest(Request):
     """
 
     upload_dir: str | None = None
-    max_form_memory_size = 1024 * 1024  # each field that is not a file; a prompt is at most 4000 characters
-    max_form_parts = 1000
+    form_data_parser_class = forms.BoundedFormParser  # the fields that are not files: MAX_FORM_FIELDS_BYTES in all
+    max_form_memory_size = forms.DECODER_BUFFER_BYTES
+    max_form_parts = forms.MAX_FORM_PARTS
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix=_upload_prefix())
@@ -170,6 +171,9 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
         g.started = time.monotonic()
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex[:16]
+        if request.mimetype != "multipart/form-data":
+            # Fields only (an upload grant's JSON, a url-encoded form), read into memory whole: a few KB.
+            request.max_content_length = forms.MAX_FIELDS_BODY_BYTES
         if request.method == "OPTIONS" and origins and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)
         return None
@@ -249,7 +253,7 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_exception(exc: HTTPException):
         if exc.code == 413:
-            err = _too_large(app.config["MAX_CONTENT_LENGTH"])
+            err = _too_large()
         else:
             err = http_error(exc.code or 500, exc.description if exc.code not in (404, 405) else None)
         response = api_error(err)
@@ -265,8 +269,11 @@ def _install_error_handlers(app: Flask) -> None:
         return api_error(ApiError(500, "internal_error", "the server failed to process the request; it was logged"))
 
 
-def _too_large(max_content_length: int) -> ApiError:
-    """Which limit a 413 from Flask's form parser is about: all of them raise the same bare exception."""
+def _too_large() -> ApiError:
+    """Which limit a 413 from Werkzeug is about: all of them raise the same bare exception."""
+    if request.mimetype != "multipart/form-data":
+        return forms.fields_body_too_large()
+    max_content_length = request.max_content_length
     if request.content_length is not None:
         body_too_large = request.content_length > max_content_length
     else:  # chunked: too large if the parser read up to the limit
@@ -274,12 +281,8 @@ def _too_large(max_content_length: int) -> ApiError:
     if body_too_large:
         limit = max_content_length - MULTIPART_OVERHEAD
         return ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
-    # The body is within bounds: the form itself is not (too many parts, or a large plain field, such as
-    # the audio sent without a filename, which the parser then holds in memory).
-    return ApiError(413, "form_too_large",
-                    f"the form exceeds this server's limits: at most {request.max_form_parts} parts, and "
-                    f"{request.max_form_memory_size // 1024} KB for a field that is not a file; send the audio as "
-                    "a file part named 'file', with a filename (as curl -F file=@audio.wav does)")
+    # The body is within bounds: the form itself is not (too many parts, or a part's headers too large).
+    return forms.form_too_large()
 
 
 # -- routes ---------------------------------------------------------------------------------------------
