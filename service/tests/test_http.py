@@ -490,3 +490,85 @@ def test_what_waitress_refuses_carries_the_cors_headers(tmp_uploads):
         assert other.startswith("HTTP/1.1 413") and "Access-Control-Allow-Origin" not in other
     finally:
         server.close()
+
+
+# -- the check a proxy makes before it sends a body (Caddy's forward_auth) -------------------------------------
+
+def auth_check(client, authorization=None, method=None, uri=None, **headers):
+    """GET /v1/auth/check as Caddy's forward_auth asks it: the request's headers, its method and URI, no body."""
+    if authorization:
+        headers["Authorization"] = authorization
+    if method:
+        headers.update({"X-Forwarded-Method": method, "X-Forwarded-Uri": uri})
+    return client.get("/v1/auth/check", headers=headers)
+
+
+def test_the_auth_check_answers_what_the_route_would(jobs_app):
+    """Keys for every route, an upload grant for creating its job only: the check lets in what the route itself
+    would let in, and refuses the rest with the route's own status, error and challenge."""
+    from pilotys_whisper import grants
+
+    client = jobs_app.test_client()
+    state = jobs_app.extensions["whisper"]
+    token = client.post("/v1/uploads", json={"language": "fr"}, headers=AUTH).get_json()["token"]
+    expired, _ = grants.issue(state.keyring, state.keyring.authenticate(f"Bearer {KEY}"), {}, idempotency_key=None,
+                              ttl_s=-1)
+    key, grant = f"Bearer {KEY}", f"Bearer {token}"
+    cases = [  # (Authorization, method, URI, what the check answers)
+        (key, "POST", "/v1/audio/transcriptions", 204),
+        (key, "POST", "/v1/jobs?x=1", 204),
+        (key, "GET", "/v1/jobs/job_123/result?format=srt", 204),
+        (key, "DELETE", "/v1/jobs/job_123", 204),
+        (grant, "POST", "/v1/jobs", 204),
+        (grant, "POST", "/v1/%6Aobs", 204),  # what the router sees, decoded
+        (None, "POST", "/v1/audio/transcriptions", 401),
+        ("Bearer wrong-key-000000000", "POST", "/transcribe", 401),
+        ("Basic dXNlcjpwYXNz", "POST", "/v1/jobs", 401),
+        (grant, "POST", "/v1/audio/transcriptions", None),  # a grant anywhere else: what the route says
+        (grant, "GET", "/v1/jobs", None),
+        (grant, "POST", "/v1/uploads", None),
+        (grant[:-4] + "AAAA", "POST", "/v1/jobs", 401),
+        (f"Bearer {expired}", "POST", "/v1/jobs", 401),
+        (None, "POST", "/nothing-here", 401),  # unknown routes are no way around the check
+    ]
+    for authorization, method, uri, expected in cases:
+        check = auth_check(client, authorization, method, uri)
+        route = client.open(uri, method=method, headers={"Authorization": authorization} if authorization else {})
+        if check.status_code == 204:
+            assert expected == 204 and check.get_data() == b"", (authorization, uri)
+            assert route.status_code not in (401, 403), (uri, route.get_json())
+            continue
+        assert expected in (None, check.status_code), (authorization, uri, check.get_json())
+        assert check.status_code in (401, 403) and check.is_json and check.headers["WWW-Authenticate"].startswith(
+            "Bearer")
+        if uri != "/nothing-here":
+            assert (route.status_code, route.get_json()["error"]["code"], route.headers["WWW-Authenticate"]) == (
+                check.status_code, check.get_json()["error"]["code"], check.headers["WWW-Authenticate"]), uri
+
+
+def test_the_auth_check_alone_checks_itself_and_needs_no_model(tmp_uploads):
+    """Asked directly (no X-Forwarded-* headers), the check is about itself: a key passes, a grant does not; and it
+    answers while the model is still loading (the proxy must not hold uploads back for that)."""
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads), FakeEngine(load_delay=30), load_model=False)
+    client = app.test_client()
+    assert not app.extensions["whisper"].ready.is_set()
+    assert auth_check(client, f"Bearer {KEY}").status_code == 204
+    assert_error(auth_check(client), 401, "missing_api_key")
+    assert_error(auth_check(client, "Bearer wrong-key-000000000"), 401, "invalid_api_key")
+    refused = auth_check(client, "Bearer wug1.e30.AAAA")
+    assert refused.status_code in (401, 403) and "insufficient_scope" in refused.headers["WWW-Authenticate"]
+
+
+def test_the_auth_checks_refusal_is_readable_by_the_browser_and_logged(tmp_uploads, caplog):
+    """The proxy hands the check's refusal to the client as it is: with CORS for an allowed origin (a browser
+    otherwise sees a network error), and in the log; a check that lets the request in leaves no line of its own."""
+    caplog.set_level(logging.INFO, logger="pilotys_whisper")
+    client = _cors_client(tmp_uploads, "https://app.pilotys.fr")
+    r = auth_check(client, "Bearer wrong-key-000000000", "POST", "/v1/jobs", Origin="https://app.pilotys.fr")
+    assert_error(r, 401, "invalid_api_key")
+    assert r.headers["Access-Control-Allow-Origin"] == "https://app.pilotys.fr"
+    assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
+    assert auth_check(client, f"Bearer {KEY}", "POST", "/v1/jobs").status_code == 204
+    lines = [r.getMessage() for r in caplog.records if r.name == "pilotys_whisper.access"]
+    assert len(lines) == 1 and "GET /v1/auth/check status=401" in lines[0], lines
+    assert "wrong-key" not in caplog.text

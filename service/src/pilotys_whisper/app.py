@@ -12,12 +12,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, forms
+from . import __version__, forms, grants
 from .admission import Admission
 from .audio import probe, too_long
 from .auth import KeyRing, Principal
@@ -35,6 +35,10 @@ access_log = logging.getLogger("pilotys_whisper.access")
 MULTIPART_OVERHEAD = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GRANULARITIES = ("segment", "word")
+# What a proxy asks before it sends a request's body (Caddy's forward_auth): see auth_check.
+AUTH_CHECK = "/v1/auth/check"
+# The views that verify an upload grant themselves (jobs.py): a grant is refused everywhere else.
+GRANT_ENDPOINTS = frozenset({"jobs.submit"})
 # Methods counted by name in the metrics; any other becomes "other": a client (no key needed) must not be able
 # to create new, permanent series with made-up methods.
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -189,7 +193,9 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         method = request.method if request.method in METRIC_METHODS else "other"
         state.metrics.requests.labels(route=route, method=method, status=str(response.status_code)).inc()
-        if route not in ("/health", "/ready", "/metrics"):
+        # An auth check that lets a request in is followed by that request, which is logged itself.
+        let_in = route == AUTH_CHECK and response.status_code == 204
+        if route not in ("/health", "/ready", "/metrics") and not let_in:
             _log_request(response)
         return response
 
@@ -310,6 +316,20 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
             state.jobs.update_metrics()
         return Response(state.metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
+    @app.get(AUTH_CHECK)
+    def auth_check():
+        """For the proxy in front (Caddy's forward_auth): would the request that X-Forwarded-Method and
+        X-Forwarded-Uri describe (by default, this one) be let in with this Authorization header? 204 if so, or
+        the 401/403 that request would get. Nothing but headers is read: the proxy sends the body only after."""
+        method = request.headers.get("X-Forwarded-Method", request.method).upper()
+        path = unquote(urlsplit(request.headers.get("X-Forwarded-Uri", request.full_path)).path)
+        authorization = request.headers.get("Authorization")
+        if is_grant(authorization) and _accepts_grants(app, method, path):
+            g.principal = grants.verify(state.keyring, authorization).principal
+        else:
+            state.authenticate()
+        return Response(status=204)
+
     @app.get("/v1/models")
     def models():
         state.authenticate()
@@ -332,6 +352,15 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     @app.post("/v1/audio/translations")
     def translations():
         return _openai_route(state, task="translate")
+
+
+def _accepts_grants(app: Flask, method: str, path: str) -> bool:
+    """Whether the route at METHOD PATH takes an upload grant instead of the key (creating its one job)."""
+    try:
+        endpoint, _ = app.url_map.bind("localhost").match(path, method=method)
+    except HTTPException:
+        return False
+    return endpoint in GRANT_ENDPOINTS
 
 
 def _openai_route(state: ServiceState, task: str):
