@@ -555,7 +555,11 @@ def test_the_auth_check_alone_checks_itself_and_needs_no_model(tmp_uploads):
     assert auth_check(client, f"Bearer {KEY}").status_code == 204
     assert_error(auth_check(client), 401, "missing_api_key")
     assert_error(auth_check(client, "Bearer wrong-key-000000000"), 401, "invalid_api_key")
-    refused = auth_check(client, "Bearer wug1.e30.AAAA")
+    from pilotys_whisper import grants
+
+    keyring = app.extensions["whisper"].keyring
+    token, _ = grants.issue(keyring, keyring.authenticate(f"Bearer {KEY}"), {}, idempotency_key=None, ttl_s=60)
+    refused = auth_check(client, f"Bearer {token}")
     assert refused.status_code in (401, 403) and "insufficient_scope" in refused.headers["WWW-Authenticate"]
 
 
