@@ -222,7 +222,7 @@ def curl_upload(address: str, ca: str, path: Path, key: str, protocol: str) -> t
     # curl then often drops the answer's body; the status and headers have come.
     assert done.returncode == 0 or (done.returncode == 18 and protocol == "--http2"), (done.returncode, done.stderr)
     # The last block: a "100 Continue" may come first.
-    block = Path(str(answer) + ".headers").read_text().strip().split("\r\n\r\n")[-1]
+    block = Path(str(answer) + ".headers").read_bytes().decode().strip().split("\r\n\r\n")[-1]
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in block.split("\r\n")[1:])}
     return int(done.stdout), headers, answer.read_text()
 
