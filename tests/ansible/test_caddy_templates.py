@@ -246,8 +246,9 @@ def edge(tmp_path):
 
 
 def curl(url: str, ca: str, *args: str) -> tuple[int, str]:
-    """curl's status and body. Over HTTP/2 Caddy resets the stream of an upload it answered early (RST_STREAM,
-    RFC 9113 8.1): curl then often drops the answer's body (exit 18) once it has the status and headers."""
+    """curl's status and body. Over HTTP/2 Caddy answers an upload it refuses early in full, then resets the stream
+    (RST_STREAM NO_ERROR, RFC 9113 8.1): curl 7.88 then often drops the answer's body (exit 18), not its status
+    and headers."""
     done = subprocess.run(["curl", "--silent", "--cacert", ca, "--max-time", "60", "--write-out", "\n%{http_code}",
                            *args, url], capture_output=True, text=True, check=False, timeout=90)
     assert done.returncode == 0 or (done.returncode == 18 and "--http1.1" not in args), done.stderr
