@@ -3,7 +3,9 @@
 Uploads are still probed by the real decoder (PyAV): only the model is replaced.
 """
 
+import collections
 import io
+import json
 import logging
 import threading
 import time
@@ -13,6 +15,7 @@ import requests
 
 from pilotys_whisper import app as app_module
 from pilotys_whisper.app import create_app
+from pilotys_whisper.forms import MAX_FIELDS_BODY_BYTES, MAX_FORM_FIELDS_BYTES, MAX_FORM_PARTS
 from pilotys_whisper.server import make_server
 
 from conftest import KEY, FakeEngine, make_settings
@@ -143,22 +146,123 @@ def test_too_large_is_413_json(client):
     assert_error(post(client, file=(big, "big.wav")), 413, "file_too_large")
 
 
-def test_a_form_over_its_limits_is_413_form_too_large(client, audio):
-    many = {f"field{i}": "x" for i in range(1001)}
+def test_a_form_over_its_limits_is_413_form_too_large(client, audio, engine):
+    many = {f"field{i}": "x" for i in range(MAX_FORM_PARTS)}  # with the file: one part too many
     r = post(client, file=upload(audio, "fr_meeting.wav"), **many)
     assert_error(r, 413, "form_too_large")
-    assert "1000 parts" in r.get_json()["error"]["message"]
-    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="x" * (1024 * 1024 + 1))
+    assert f"{MAX_FORM_PARTS} parts" in r.get_json()["error"]["message"]
+    del many["field0"]
+    assert post(client, file=upload(audio, "fr_meeting.wav"), **many).status_code == 200
+    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="x" * (MAX_FORM_FIELDS_BYTES + 1))
     assert_error(r, 413, "form_too_large")
-    assert "1024 KB" in r.get_json()["error"]["message"]
-    # The audio without a filename is a plain field: above 1 MB it breaks the same limit, below it is no file.
+    assert f"{MAX_FORM_FIELDS_BYTES // 1024} KB in all" in r.get_json()["error"]["message"]
+    # The longest prompt allowed, in four-byte characters (16 KB), next to every other field: within bounds.
+    r = post(client, file=upload(audio, "fr_meeting.wav"), prompt="🎙" * 4000, model="whisper-1", language="fr",
+             temperature="0.2", response_format="verbose_json", **{"timestamp_granularities[]": ["word", "segment"]})
+    assert r.status_code == 200 and engine.calls[-1][1].prompt == "🎙" * 4000
+    # The audio without a filename is a plain field: above the fields' budget it breaks it, below it is no file.
     wav = audio("fr_meeting.wav").read_bytes()
     r = post(client, file=(io.BytesIO(wav), None))
     assert_error(r, 413, "form_too_large")
     assert "file part" in r.get_json()["error"]["message"]
-    r = post(client, file=(io.BytesIO(wav[:100_000]), None))
+    r = post(client, file=(io.BytesIO(wav[:50_000]), None))
     assert_error(r, 400, "missing_file")
     assert "file part" in r.get_json()["error"]["message"]
+
+
+class CountedBody(io.RawIOBase):
+    """A request body made of PIECES, read as the server asks for it (the test holds no copy of a large body),
+    that counts the bytes the server read."""
+
+    def __init__(self, pieces: list[bytes]):
+        self._pieces = collections.deque(memoryview(piece) for piece in pieces)
+        self.length = sum(len(piece) for piece in pieces)
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pieces and not len(self._pieces[0]):
+            self._pieces.popleft()
+        if not self._pieces:
+            return 0
+        piece = self._pieces[0]
+        n = min(len(buffer), len(piece))
+        buffer[:n] = piece[:n]
+        self._pieces[0] = piece[n:]
+        self.read_bytes += n
+        return n
+
+
+BOUNDARY = "test-boundary-7f3a"
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> CountedBody:
+    """A multipart/form-data body of (name, filename or None, data) parts."""
+    pieces = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        pieces += [f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode(), data, b"\r\n"]
+    pieces.append(f"--{BOUNDARY}--\r\n".encode())
+    return CountedBody(pieces)
+
+
+def send(app, path, body: CountedBody, content_type: str, headers=AUTH):
+    """POST BODY to APP as a WSGI server would hand it over (the test client wants a seekable body)."""
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    environ = EnvironBuilder(path, method="POST", headers=headers).get_environ()
+    environ.update({"wsgi.input": body, "CONTENT_LENGTH": str(body.length), "CONTENT_TYPE": content_type})
+    app_iter, status, response_headers = run_wsgi_app(app, environ, buffered=True)
+    return app.response_class(b"".join(app_iter), status=status, headers=response_headers)
+
+
+def test_the_fields_that_are_not_files_are_bounded_together(audio, tmp_uploads, engine):
+    """Issue 14: 200 text fields of 500 KB next to a file were all held in memory (200 OK, +100 MB per request).
+    The parser now stops at the fields' budget: it reads little more than that budget of the body."""
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_MAX_UPLOAD_MB=200), engine,
+                     load_model=False)
+    app.extensions["whisper"].load_model()
+    junk = b"x" * 500_000
+    body = multipart([("file", "fr_meeting.wav", audio("fr_meeting.wav").read_bytes()),
+                      *((f"note{i}", None, junk) for i in range(200))])
+    r = send(app, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={BOUNDARY}")
+    assert_error(r, 413, "form_too_large")
+    # The file, then a few times the fields' budget (the parser reads 64 KB at a time): not the 100 MB sent.
+    assert body.read_bytes < audio("fr_meeting.wav").stat().st_size + 4 * MAX_FORM_FIELDS_BYTES, body.read_bytes
+    assert not engine.calls and list(tmp_uploads.iterdir()) == []
+
+
+def test_bodies_of_fields_only_are_bounded_before_they_are_read(app):
+    """JSON and url-encoded bodies are read into memory whole: anything over a few KB is refused unread."""
+    fields = CountedBody([b"prompt=" + b"x" * 1_000_000])
+    r = send(app, "/v1/audio/transcriptions", fields, "application/x-www-form-urlencoded")
+    assert_error(r, 413, "body_too_large")
+    assert f"{MAX_FIELDS_BODY_BYTES // 1024} KB" in r.get_json()["error"]["message"]
+    assert fields.read_bytes == 0
+
+
+@pytest.fixture
+def jobs_app(tmp_path, tmp_uploads):
+    """Jobs enabled (upload grants), nothing running in the background."""
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads, WHISPER_STATE_DIR=tmp_path / "state"), FakeEngine(),
+                     load_model=False)
+    app.extensions["whisper"].load_model()
+    yield app
+    app.extensions["whisper"].jobs.stop()
+
+
+def test_an_upload_grants_json_is_bounded_before_it_is_read(jobs_app):
+    client = jobs_app.test_client()
+    body = CountedBody([json.dumps({"language": "fr", "prompt": "x" * 1_000_000}).encode()])
+    r = send(jobs_app, "/v1/uploads", body, "application/json")
+    assert_error(r, 413, "body_too_large")
+    assert body.read_bytes == 0
+    # The longest prompt, each character escaped (\uXXXX, as Python's json does by default), fits.
+    r = client.post("/v1/uploads", data=json.dumps({"language": "ja", "prompt": "会" * 4000}),
+                    content_type="application/json", headers=AUTH)
+    assert r.status_code == 201, r.get_json()
 
 
 def test_too_long_is_413(app, audio, tmp_uploads):
@@ -391,3 +495,89 @@ def test_what_waitress_refuses_carries_the_cors_headers(tmp_uploads):
         assert other.startswith("HTTP/1.1 413") and "Access-Control-Allow-Origin" not in other
     finally:
         server.close()
+
+
+# -- the check a proxy makes before it sends a body (Caddy's forward_auth) -------------------------------------
+
+def auth_check(client, authorization=None, method=None, uri=None, **headers):
+    """GET /v1/auth/check as Caddy's forward_auth asks it: the request's headers, its method and URI, no body."""
+    if authorization:
+        headers["Authorization"] = authorization
+    if method:
+        headers.update({"X-Forwarded-Method": method, "X-Forwarded-Uri": uri})
+    return client.get("/v1/auth/check", headers=headers)
+
+
+def test_the_auth_check_answers_what_the_route_would(jobs_app):
+    """Keys for every route, an upload grant for creating its job only: the check lets in what the route itself
+    would let in, and refuses the rest with the route's own status, error and challenge."""
+    from pilotys_whisper import grants
+
+    client = jobs_app.test_client()
+    state = jobs_app.extensions["whisper"]
+    token = client.post("/v1/uploads", json={"language": "fr"}, headers=AUTH).get_json()["token"]
+    expired, _ = grants.issue(state.keyring, state.keyring.authenticate(f"Bearer {KEY}"), {}, idempotency_key=None,
+                              ttl_s=-1)
+    key, grant = f"Bearer {KEY}", f"Bearer {token}"
+    cases = [  # (Authorization, method, URI, what the check answers)
+        (key, "POST", "/v1/audio/transcriptions", 204),
+        (key, "POST", "/v1/jobs?x=1", 204),
+        (key, "GET", "/v1/jobs/job_123/result?format=srt", 204),
+        (key, "DELETE", "/v1/jobs/job_123", 204),
+        (grant, "POST", "/v1/jobs", 204),
+        (grant, "POST", "/v1/%6Aobs", 204),  # what the router sees, decoded
+        (None, "POST", "/v1/audio/transcriptions", 401),
+        ("Bearer wrong-key-000000000", "POST", "/transcribe", 401),
+        ("Basic dXNlcjpwYXNz", "POST", "/v1/jobs", 401),
+        (grant, "POST", "/v1/audio/transcriptions", None),  # a grant anywhere else: what the route says
+        (grant, "GET", "/v1/jobs", None),
+        (grant, "POST", "/v1/uploads", None),
+        (grant[:-4] + "AAAA", "POST", "/v1/jobs", 401),
+        (f"Bearer {expired}", "POST", "/v1/jobs", 401),
+        (None, "POST", "/nothing-here", 401),  # unknown routes are no way around the check
+    ]
+    for authorization, method, uri, expected in cases:
+        check = auth_check(client, authorization, method, uri)
+        route = client.open(uri, method=method, headers={"Authorization": authorization} if authorization else {})
+        if check.status_code == 204:
+            assert expected == 204 and check.get_data() == b"", (authorization, uri)
+            assert route.status_code not in (401, 403), (uri, route.get_json())
+            continue
+        assert expected in (None, check.status_code), (authorization, uri, check.get_json())
+        assert check.status_code in (401, 403) and check.is_json and check.headers["WWW-Authenticate"].startswith(
+            "Bearer")
+        if uri != "/nothing-here":
+            assert (route.status_code, route.get_json()["error"]["code"], route.headers["WWW-Authenticate"]) == (
+                check.status_code, check.get_json()["error"]["code"], check.headers["WWW-Authenticate"]), uri
+
+
+def test_the_auth_check_alone_checks_itself_and_needs_no_model(tmp_uploads):
+    """Asked directly (no X-Forwarded-* headers), the check is about itself: a key passes, a grant does not; and it
+    answers while the model is still loading (the proxy must not hold uploads back for that)."""
+    app = create_app(make_settings(WHISPER_TMP_DIR=tmp_uploads), FakeEngine(load_delay=30), load_model=False)
+    client = app.test_client()
+    assert not app.extensions["whisper"].ready.is_set()
+    assert auth_check(client, f"Bearer {KEY}").status_code == 204
+    assert_error(auth_check(client), 401, "missing_api_key")
+    assert_error(auth_check(client, "Bearer wrong-key-000000000"), 401, "invalid_api_key")
+    from pilotys_whisper import grants
+
+    keyring = app.extensions["whisper"].keyring
+    token, _ = grants.issue(keyring, keyring.authenticate(f"Bearer {KEY}"), {}, idempotency_key=None, ttl_s=60)
+    refused = auth_check(client, f"Bearer {token}")
+    assert refused.status_code in (401, 403) and "insufficient_scope" in refused.headers["WWW-Authenticate"]
+
+
+def test_the_auth_checks_refusal_is_readable_by_the_browser_and_logged(tmp_uploads, caplog):
+    """The proxy hands the check's refusal to the client as it is: with CORS for an allowed origin (a browser
+    otherwise sees a network error), and in the log; a check that lets the request in leaves no line of its own."""
+    caplog.set_level(logging.INFO, logger="pilotys_whisper")
+    client = _cors_client(tmp_uploads, "https://app.pilotys.fr")
+    r = auth_check(client, "Bearer wrong-key-000000000", "POST", "/v1/jobs", Origin="https://app.pilotys.fr")
+    assert_error(r, 401, "invalid_api_key")
+    assert r.headers["Access-Control-Allow-Origin"] == "https://app.pilotys.fr"
+    assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
+    assert auth_check(client, f"Bearer {KEY}", "POST", "/v1/jobs").status_code == 204
+    lines = [r.getMessage() for r in caplog.records if r.name == "pilotys_whisper.access"]
+    assert len(lines) == 1 and "GET /v1/auth/check status=401" in lines[0], lines
+    assert "wrong-key" not in caplog.text

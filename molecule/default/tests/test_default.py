@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -160,7 +161,7 @@ def test_http_redirects_to_https(address):
     assert r.status_code in (301, 308) and r.headers["Location"].startswith("https://")
 
 
-def test_oversized_upload_is_refused_before_it_is_read(address, ca_bundle):
+def test_oversized_upload_is_refused_before_it_is_read(address, api_key, ca_bundle):
     import ssl
 
     context = ssl.create_default_context(cafile=ca_bundle)
@@ -168,21 +169,88 @@ def test_oversized_upload_is_refused_before_it_is_read(address, ca_bundle):
             context.wrap_socket(raw, server_hostname=address) as tls:
         # 600 MB announced, nothing sent: Caddy answers from the headers alone.
         tls.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {address}\r\n"
+                    f"Authorization: Bearer {api_key}\r\n"
                     "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 600000000\r\n\r\n".encode())
         reply = tls.recv(65536).decode(errors="replace")
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"file_too_large"' in reply and "application/json" in reply
 
 
-def test_a_browser_can_read_caddys_own_errors(address, ca_bundle):
-    """PILOTYS's browser uploads itself: an error Caddy answers (413 here) must carry CORS, or the browser
-    reports a network failure instead of the JSON error."""
-    r = requests.post(f"https://{address}/v1/jobs", headers={"Origin": ORIGIN, "Content-Length": "600000000"},
-                      data=b"", verify=ca_bundle, timeout=10)
+def test_a_browser_can_read_caddys_own_errors(address, api_key, ca_bundle):
+    """PILOTYS's browser uploads itself: an error Caddy answers (413 here, to an upload with a grant) must carry
+    CORS, or the browser reports a network failure instead of the JSON error."""
+    token = requests.post(f"https://{address}/v1/uploads", headers={"Authorization": f"Bearer {api_key}"},
+                          json={"language": "fr"}, verify=ca_bundle, timeout=10).json()["token"]
+    grant = {"Authorization": f"Bearer {token}", "Content-Length": "600000000"}
+    r = requests.post(f"https://{address}/v1/jobs", headers={**grant, "Origin": ORIGIN}, data=b"", verify=ca_bundle,
+                      timeout=10)
     assert r.status_code == 413 and r.headers.get("Access-Control-Allow-Origin") == ORIGIN, r.headers
-    other = requests.post(f"https://{address}/v1/jobs", headers={"Origin": "https://evil.example",
-                          "Content-Length": "600000000"}, data=b"", verify=ca_bundle, timeout=10)
+    other = requests.post(f"https://{address}/v1/jobs", headers={**grant, "Origin": "https://evil.example"},
+                          data=b"", verify=ca_bundle, timeout=10)
     assert other.status_code == 413 and "Access-Control-Allow-Origin" not in other.headers
+
+
+@contextlib.contextmanager
+def bytes_to_the_service(host):
+    """A function that tells how many bytes the kernel has delivered to the service's port on the host since the
+    block began, whoever sent them: what the service received, measured outside it and outside Caddy (an
+    iptables rule that only counts)."""
+    rule = "INPUT -i lo -p tcp --dport 8000 -m comment --comment molecule-bytes-to-the-service"
+
+    def received() -> int:
+        listing = host.run("iptables -L INPUT -v -x -n").stdout
+        (line,) = [row for row in listing.splitlines() if "molecule-bytes-to-the-service" in row]
+        return int(line.split()[1])
+
+    assert host.run(f"iptables -I {rule}").rc == 0
+    try:
+        yield received
+    finally:
+        host.run(f"iptables -D {rule}")
+
+
+def curl_upload(address: str, ca: str, path: Path, key: str, protocol: str) -> tuple[int, dict, str]:
+    """POST PATH as a file with curl (which streams it, and reads an answer that comes before the end of its
+    upload): the status, the headers and the body of the answer."""
+    answer = path.with_suffix(".answer")
+    done = subprocess.run(["curl", "--silent", "--cacert", ca, "--max-time", "120", protocol,
+                           "--output", str(answer), "--dump-header", str(answer) + ".headers", "--write-out",
+                           "%{http_code}", "-H", f"Authorization: Bearer {key}", "-H", f"Origin: {ORIGIN}",
+                           "-F", f"file=@{path}", f"https://{address}/v1/audio/transcriptions"],
+                          capture_output=True, text=True, check=False, timeout=180)
+    # 18: over HTTP/2 Caddy answers an upload it refuses early in full, then resets the stream (RST_STREAM
+    # NO_ERROR, RFC 9113 8.1); curl 7.88 then often drops the answer's body (no file), not its status and headers.
+    assert done.returncode == 0 or (done.returncode == 18 and protocol == "--http2"), (done.returncode, done.stderr)
+    # The last block: a "100 Continue" may come first.
+    block = Path(str(answer) + ".headers").read_bytes().decode().strip().split("\r\n\r\n")[-1]
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in block.split("\r\n")[1:])}
+    return int(done.stdout), headers, answer.read_text() if answer.exists() else ""
+
+
+@pytest.mark.parametrize("protocol", ["--http1.1", "--http2"])
+def test_an_upload_without_a_valid_key_never_reaches_the_service(host, address, api_key, ca_bundle, tmp_path,
+                                                                  protocol):
+    """waitress reads a whole body before the app sees a header: Caddy asks the service about the Authorization
+    header alone (forward_auth), and a wrong key's 200 MB upload is refused before any of it is sent on."""
+    big = tmp_path / "meeting.webm"
+    with open(big, "wb") as f:
+        f.truncate(200 * 1024 * 1024)
+    with bytes_to_the_service(host) as received_so_far:
+        status, headers, body = curl_upload(address, ca_bundle, big, "not-the-right-key-000000", protocol)
+        received = received_so_far()
+    assert status == 401 and ('"invalid_api_key"' in body or protocol == "--http2"), (status, body, journal(host))
+    assert headers["www-authenticate"].startswith("Bearer") and headers["access-control-allow-origin"] == ORIGIN
+    print(f"{protocol}: 200 MB with a wrong key, {received} bytes delivered to the service")
+    assert received < 1024 * 1024, f"the service received {received} bytes of a refused upload"
+    # The same counter sees what a valid key sends on (not audio: 415 once the service has read all of it).
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(5 * 1024 * 1024))
+    with bytes_to_the_service(host) as received_so_far:
+        status, _, body = curl_upload(address, ca_bundle, junk, api_key, protocol)
+        received = received_so_far()
+    print(f"{protocol}: 5 MB with the key, {received} bytes delivered to the service")
+    assert status == 415, body
+    assert received > 5 * 1024 * 1024, received
 
 
 def test_metrics_are_not_published(address, ca_bundle):

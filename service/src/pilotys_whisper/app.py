@@ -12,12 +12,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
+from . import __version__, forms, grants
 from .admission import Admission
 from .audio import probe, too_long
 from .auth import KeyRing, Principal
@@ -37,6 +37,10 @@ access_log = logging.getLogger("pilotys_whisper.access")
 MULTIPART_OVERHEAD = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 GRANULARITIES = ("segment", "word")
+# What a proxy asks before it sends a request's body (Caddy's forward_auth): see auth_check.
+AUTH_CHECK = "/v1/auth/check"
+# The views that verify an upload grant themselves (jobs.py): a grant is refused everywhere else.
+GRANT_ENDPOINTS = frozenset({"jobs.submit"})
 # Methods counted by name in the metrics; any other becomes "other": a client (no key needed) must not be able
 # to create new, permanent series with made-up methods.
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -49,8 +53,9 @@ class UploadRequest(Request):
     """
 
     upload_dir: str | None = None
-    max_form_memory_size = 1024 * 1024  # each field that is not a file; a prompt is at most 4000 characters
-    max_form_parts = 1000
+    form_data_parser_class = forms.BoundedFormParser  # the fields that are not files: MAX_FORM_FIELDS_BYTES in all
+    max_form_memory_size = forms.DECODER_BUFFER_BYTES
+    max_form_parts = forms.MAX_FORM_PARTS
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return tempfile.NamedTemporaryFile(dir=self.upload_dir, prefix=_upload_prefix())
@@ -176,6 +181,9 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
         g.started = time.monotonic()
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex[:16]
+        if request.mimetype != "multipart/form-data":
+            # Fields only (an upload grant's JSON, a url-encoded form), read into memory whole: a few KB.
+            request.max_content_length = forms.MAX_FIELDS_BODY_BYTES
         if request.method == "OPTIONS" and origins and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)
         return None
@@ -191,7 +199,9 @@ def _install_request_hooks(app: Flask, state: ServiceState) -> None:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         method = request.method if request.method in METRIC_METHODS else "other"
         state.metrics.requests.labels(route=route, method=method, status=str(response.status_code)).inc()
-        if route not in ("/health", "/ready", "/metrics"):
+        # An auth check that lets a request in is followed by that request, which is logged itself.
+        let_in = route == AUTH_CHECK and response.status_code == 204
+        if route not in ("/health", "/ready", "/metrics") and not let_in:
             _log_request(response)
         return response
 
@@ -255,7 +265,7 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_exception(exc: HTTPException):
         if exc.code == 413:
-            err = _too_large(app.config["MAX_CONTENT_LENGTH"])
+            err = _too_large()
         else:
             err = http_error(exc.code or 500, exc.description if exc.code not in (404, 405) else None)
         response = api_error(err)
@@ -271,8 +281,11 @@ def _install_error_handlers(app: Flask) -> None:
         return api_error(ApiError(500, "internal_error", "the server failed to process the request; it was logged"))
 
 
-def _too_large(max_content_length: int) -> ApiError:
-    """Which limit a 413 from Flask's form parser is about: all of them raise the same bare exception."""
+def _too_large() -> ApiError:
+    """Which limit a 413 from Werkzeug is about: all of them raise the same bare exception."""
+    if request.mimetype != "multipart/form-data":
+        return forms.fields_body_too_large()
+    max_content_length = request.max_content_length
     if request.content_length is not None:
         body_too_large = request.content_length > max_content_length
     else:  # chunked: too large if the parser read up to the limit
@@ -280,12 +293,8 @@ def _too_large(max_content_length: int) -> ApiError:
     if body_too_large:
         limit = max_content_length - MULTIPART_OVERHEAD
         return ApiError(413, "file_too_large", f"the upload is larger than {limit // (1024 * 1024)} MB")
-    # The body is within bounds: the form itself is not (too many parts, or a large plain field, such as
-    # the audio sent without a filename, which the parser then holds in memory).
-    return ApiError(413, "form_too_large",
-                    f"the form exceeds this server's limits: at most {request.max_form_parts} parts, and "
-                    f"{request.max_form_memory_size // 1024} KB for a field that is not a file; send the audio as "
-                    "a file part named 'file', with a filename (as curl -F file=@audio.wav does)")
+    # The body is within bounds: the form itself is not (too many parts, or a part's headers too large).
+    return forms.form_too_large()
 
 
 # -- routes ---------------------------------------------------------------------------------------------
@@ -319,6 +328,20 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
         # before they are given a key.
         return jsonify(served_openapi(tuple(sorted(settings.model_aliases))))
 
+    @app.get(AUTH_CHECK)
+    def auth_check():
+        """For the proxy in front (Caddy's forward_auth): would the request that X-Forwarded-Method and
+        X-Forwarded-Uri describe (by default, this one) be let in with this Authorization header? 204 if so, or
+        the 401/403 that request would get. Nothing but headers is read: the proxy sends the body only after."""
+        method = request.headers.get("X-Forwarded-Method", request.method).upper()
+        path = unquote(urlsplit(request.headers.get("X-Forwarded-Uri", request.full_path)).path)
+        authorization = request.headers.get("Authorization")
+        if is_grant(authorization) and _accepts_grants(app, method, path):
+            g.principal = grants.verify(state.keyring, authorization).principal
+        else:
+            state.authenticate()
+        return Response(status=204)
+
     @app.get("/v1/models")
     def models():
         state.authenticate()
@@ -342,6 +365,15 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     @app.post("/v1/audio/translations")
     def translations():
         return _openai_route(state, task="translate")
+
+
+def _accepts_grants(app: Flask, method: str, path: str) -> bool:
+    """Whether the route at METHOD PATH takes an upload grant instead of the key (creating its one job)."""
+    try:
+        endpoint, _ = app.url_map.bind("localhost").match(path, method=method)
+    except HTTPException:
+        return False
+    return endpoint in GRANT_ENDPOINTS
 
 
 def _openai_route(state: ServiceState, task: str):
