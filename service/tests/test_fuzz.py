@@ -23,6 +23,7 @@ from pilotys_whisper.app import UploadRequest, create_app
 from pilotys_whisper.audio import AudioInfo, probe
 from pilotys_whisper.auth import MIN_KEY_LENGTH, KeyRing, parse_keys
 from pilotys_whisper.errors import ApiError
+from pilotys_whisper.forms import MAX_FORM_FIELDS_BYTES
 
 from conftest import KEY, FakeEngine, make_settings
 
@@ -206,6 +207,7 @@ def test_any_file_probes_to_a_result_or_a_415_or_422(tmp_path_factory, real_head
 MAX_UPLOAD_MB = 1
 FIELD_LIMIT = UploadRequest.max_form_memory_size
 PARTS_LIMIT = UploadRequest.max_form_parts
+FIELDS_LIMIT = MAX_FORM_FIELDS_BYTES  # all the fields that are not files, together
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +252,8 @@ def _expected(parts: list[dict], filler: int, body_size: int, max_content_length
     """What the service must answer, from the limits in app.py (the oracle)."""
     if body_size > max_content_length:
         return 413, "file_too_large"
-    if len(parts) + filler > PARTS_LIMIT or any(
-            p["filename"] is None and p["name"] != "language" and p["size"] > FIELD_LIMIT for p in parts):
+    fields = [2 if p["name"] == "language" else p["size"] for p in parts if p["filename"] is None]
+    if len(parts) + filler > PARTS_LIMIT or sum(fields) > FIELDS_LIMIT or max(fields, default=0) > FIELD_LIMIT:
         return 413, "form_too_large"
     files = [p for p in parts if p["name"] == "file" and p["filename"] is not None]
     if not files:

@@ -118,7 +118,7 @@ def forward_auth(caddyfile: str) -> str | None:
 
 def test_a_single_host_asks_the_service_before_it_sends_a_body(tmp_path):
     caddyfile = render("caddy", "Caddyfile.j2", tmp_path, SINGLE)
-    keyless = '{method} == "OPTIONS" || {path} in ["/health", "/ready", "/metrics"]'
+    keyless = '{method} == "OPTIONS" || {path} in ["/health", "/ready", "/metrics", "/openapi.json"]'
     assert f"@needs_key not expression {keyless}\n" in caddyfile
     block = forward_auth(caddyfile)
     assert block.startswith("@needs_key 127.0.0.1:8000 {"), block
@@ -284,6 +284,8 @@ def test_a_body_without_a_valid_key_never_reaches_the_service(edge, tmp_path, pr
 def test_what_needs_no_key_still_answers_and_takes_no_body(edge, tmp_path):
     url, ca, relay = edge
     assert curl(url + "/health", ca)[0] == 200
+    status, body = curl(url + "/openapi.json", ca)
+    assert status == 200 and '"openapi": "3.1.0"' in body.replace('":"', '": "'), body[:200]
     status, _ = curl(url + "/v1/jobs", ca, "-X", "OPTIONS", "-H", f"Origin: {ORIGIN}", "-H",
                      "Access-Control-Request-Method: POST", "--dump-header", str(tmp_path / "preflight"))
     assert status == 204 and f"access-control-allow-origin: {ORIGIN}" in (tmp_path / "preflight").read_text().lower()
