@@ -1,7 +1,7 @@
 """The real `base` model on real and synthesised speech: what users actually get."""
 
-import dataclasses
 import itertools
+import subprocess
 import threading
 import time
 
@@ -12,16 +12,19 @@ from pilotys_whisper.audio import SAMPLE_RATE, PcmStream
 from pilotys_whisper.engines import Cancelled, TranscribeOptions
 from pilotys_whisper.engines.faster import (
     AUTO_BATCH_BEAM,
+    FALLBACK_DECODER_CALLS,
+    FALLBACK_TEMPERATURES,
     Chunk,
     FasterWhisperEngine,
     Region,
-    _DrawOneAtATime,
+    _Decoded,
     _Packer,
     _Prefetch,
     _Run,
     speech_regions,
 )
 from pilotys_whisper.errors import ApiError
+from pilotys_whisper.repetition import find_loops
 from pilotys_whisper.settings import Settings
 
 from conftest import normalize, reference, wer
@@ -219,52 +222,91 @@ def test_batch_and_beam_follow_the_device_unless_set(engine, model_dir):
     assert (chosen.batch_size, chosen.beam_size) == (5, 1)
 
 
-def test_fallback_draws_its_best_of_samples_one_at_a_time(engine, audio):
-    """Sampling 5 hypotheses at once decodes 5 copies of the chunk (+200 MB, bench/README.md): on a CPU the
-    fallback draws them one by one from the real model and keeps the best, as CTranslate2 would have."""
+class _CountingModel:
+    """The real CTranslate2 model with its generate() calls recorded (keyword arguments and batch size)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, features, prompts, **kwargs):
+        self.calls.append(dict(kwargs, batch=len(prompts)))
+        return self._model.generate(features, prompts, **kwargs)
+
+
+@pytest.fixture
+def counted(engine, monkeypatch):
+    spy = _CountingModel(engine._model.model)
+    monkeypatch.setattr(engine._model, "model", spy)
+    return spy
+
+
+def test_fallback_stays_within_its_budget_of_decoder_calls(engine, audio, counted):
+    """Made to find every result wanting, the fallback costs FALLBACK_DECODER_CALLS calls (faster-whisper's
+    own: 26), one sample per call on a CPU (5 at once cost +200 MB, bench/README.md)."""
     with PcmStream(str(audio("lecture_en_60s.wav"))) as stream:
         speech = next(stream.blocks(10.0))
     run = _Run(engine, TranscribeOptions(language="en"))
     batch = [Chunk([Region(0, speech)])]
     encoded = run._encode(batch)
     run._prepare(encoded)
-    calls = []
-
-    class Spy:  # the real CTranslate2 model, its generate() calls recorded
-        def __getattr__(self, name):
-            return getattr(engine._model.model, name)
-
-        def generate(self, *args, **kwargs):
-            results = engine._model.model.generate(*args, **kwargs)
-            calls.append(dict(kwargs, scores=[r.scores[0] for r in results]))
-            return results
-
-    class Model:  # faster-whisper's WhisperModel around the spy
-        model = Spy()
-
-        def __getattr__(self, name):
-            return getattr(engine._model, name)
-
-    common = dict(max_length=448, return_scores=True, return_no_speech_prob=True)
-    [best] = _DrawOneAtATime(Model()).generate(encoded, [run.prompt], beam_size=1, num_hypotheses=5,
-                                               sampling_topk=0, sampling_temperature=0.4, **common)
-    assert len(calls) == 5 and all("num_hypotheses" not in c for c in calls)
-    assert best.scores[0] == max(c["scores"][0] for c in calls)
+    first = _Decoded(tokens=[], avg_logprob=-5.0, compression=1.0, no_speech=0.0, temperature=0.0, looped=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Decoded, "wanting", property(lambda self: True))
+        best = run._fallback(encoded, batch, 0, first)
+    calls = counted.calls
+    assert len(calls) == FALLBACK_DECODER_CALLS
+    assert calls[0]["beam_size"] == 5 and calls[0]["no_repeat_ngram_size"] == 0
+    assert [c.get("sampling_temperature") for c in calls[1:]] == list(FALLBACK_TEMPERATURES[:len(calls) - 1])
+    assert all(c["beam_size"] == 1 and c["num_hypotheses"] == 1 and c["batch"] == 1 for c in calls[1:])
+    # Spent, it keeps the most probable decoding: the speech, not noise.
     said = set(normalize(reference("lecture_en_60s")))
-    heard = normalize(run.tokenizer.decode([t for t in best.sequences_ids[0] if t < run.tokenizer.eot]))
-    assert len([w for w in heard if w in said]) >= 0.7 * len(heard) > 0, heard  # the speech, not noise
-    assert 0.0 <= best.no_speech_prob <= 1.0
+    heard = normalize(run.tokenizer.decode([t for t in best.tokens if t < run.tokenizer.eot]))
+    assert len([w for w in heard if w in said]) >= 0.7 * len(heard) > 0, heard
 
-    # The whole fallback, made to find every result wanting: beam 5 once, then 5 draws per temperature.
-    calls.clear()
-    run.model = Model()
-    wanting = dataclasses.replace(run._fallback_options(), log_prob_threshold=1.0)
-    run._fallback_options = lambda: wanting
-    tokens, *_ = run._fallback(encoded, batch, 0)
-    assert calls[0]["beam_size"] == 5 and calls[0].get("num_hypotheses", 1) == 1
-    assert [c["sampling_temperature"] for c in calls[1:]] == [t for t in (0.2, 0.4, 0.6, 0.8, 1.0) for _ in range(5)]
-    assert all(c["beam_size"] == 1 and "num_hypotheses" not in c for c in calls[1:])
-    assert tokens  # the best of those 26 decodings
+
+def test_after_a_loop_beam_search_is_kept_from_repeating_itself(engine, audio, counted):
+    with PcmStream(str(audio("lecture_en_60s.wav"))) as stream:
+        speech = next(stream.blocks(10.0))
+    run = _Run(engine, TranscribeOptions(language="en"))
+    batch = [Chunk([Region(0, speech)])]
+    encoded = run._encode(batch)
+    run._prepare(encoded)
+    looped = _Decoded(tokens=[], avg_logprob=-0.1, compression=9.0, no_speech=0.0, temperature=0.0, looped=True)
+    best = run._fallback(encoded, batch, 0, looped)
+    assert counted.calls[0]["beam_size"] == 5 and counted.calls[0]["no_repeat_ngram_size"] == 3
+    assert len(counted.calls) == 1 and not best.wanting  # clean speech: the first retry is right
+
+
+def test_hard_voice_is_decoded_within_the_budget_and_without_loops(engine, counted, tmp_path):
+    """espeak-ng's female French voice f1: the model loops ("oh, oh, oh…", "à tous à toi et à tous…") and on
+    main each such chunk went through faster-whisper's whole fallback, 26 decoder calls one after another
+    (88 s for these 12 s on 2 cores). Now at most 1 + FALLBACK_DECODER_CALLS per chunk, counted."""
+    text = tmp_path / "meeting.txt"
+    text.write_text("Bon, on reprend. Merci à tous d'avoir rejoint la réunion de suivi. Premier point, le budget "
+                    "du deuxième trimestre. Nous avons dépensé quarante-deux mille euros sur les soixante prévus.\n")
+    clip = tmp_path / "meeting.wav"
+    subprocess.run(["espeak-ng", "-v", "fr+f1", "-s", "150", "-w", str(clip), "-f", str(text)], check=True)
+    per_batch = []
+    decode_batch = _Run.decode_batch
+
+    def counting(run, batch):
+        before = len(counted.calls)
+        leftovers = decode_batch(run, batch)
+        per_batch.append((len(batch), len(counted.calls) - before))
+        return leftovers
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Run, "decode_batch", counting)
+        result = engine.transcribe(str(clip), TranscribeOptions(language="fr"))
+    assert engine.vad
+    assert any(calls > 1 for _, calls in per_batch), "the clip no longer reaches the fallback: pick a harder one"
+    assert all(calls <= 1 + chunks * FALLBACK_DECODER_CALLS for chunks, calls in per_batch), per_batch
+    assert find_loops(result.text) == [], result.text
+    assert "merci" in result.text.lower(), result.text
 
 
 def test_prefetch_hands_the_producer_error_to_the_consumer():

@@ -5,7 +5,6 @@ import json
 import ssl
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,7 +12,7 @@ from pilotys_whisper.app import create_app
 from pilotys_whisper.errors import ApiError
 from pilotys_whisper.webhooks import WebhookPolicy, verify
 
-from conftest import FakeEngine, make_settings
+from conftest import FakeEngine, RawTLSServer, free_port, make_certificate, make_settings, read_request
 
 ALICE = "alice-key-0123456789"
 BOB = "bob-key-0123456789ab"
@@ -310,7 +309,7 @@ def test_callback_urls_that_would_reach_inside_are_refused():
         with pytest.raises(ApiError) as err:
             policy.check(url)
         assert err.value.status == 400 and err.value.code == "invalid_callback_url", url
-    assert WebhookPolicy(("127.0.0.0/8",)).check("https://127.0.0.1:9443/hook").address == "127.0.0.1"
+    assert WebhookPolicy(("127.0.0.0/8",)).check("https://127.0.0.1:9443/hook").addresses == ("127.0.0.1",)
 
 
 def test_callback_needs_a_secret_for_the_key(app, audio):
@@ -321,26 +320,7 @@ def test_callback_needs_a_secret_for_the_key(app, audio):
 @pytest.fixture
 def receiver(tmp_path):
     """An HTTPS endpoint on 127.0.0.1 with its own certificate; fails the first two deliveries."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "hook.crt", tmp_path / "hook.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path, key_path = make_certificate(tmp_path)
     received = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -373,6 +353,9 @@ def test_signed_webhook_with_retries(make_app, audio, receiver):
             assert time.monotonic() < deadline, f"only {len(received)} deliveries"
             time.sleep(0.1)
         headers, body, _ = received[-1]
+        # One event, the same on every attempt: receivers deduplicate on its id.
+        assert len({json.loads(b)["id"] for _, b, _ in received} | {h["Whisper-Event-Id"] for h, _, _ in received}) == 1
+        assert len({b for _, b, _ in received}) == 3  # ...whose data (the attempts so far) is current
         assert verify(SECRET, headers["Whisper-Signature"], body)
         assert not verify("another-secret", headers["Whisper-Signature"], body)
         assert not verify(SECRET, headers["Whisper-Signature"], body + b" ")
@@ -408,3 +391,187 @@ def test_each_model_has_its_own_queue(postgres, tmp_path, keys_file, audio):
     finally:
         for app in apps.values():
             app.extensions["whisper"].jobs.stop()
+
+
+def test_callback_urls_that_cannot_be_sent_are_refused_at_submission(make_app, audio):
+    app = make_app(WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8")
+    try:
+        client = app.test_client()
+        for url in ("https://127.0.0.1:9443/hook with space", "https://127.0.0.1:9443/réunion",
+                    "https://127.0.0.1:9443/a\r\nX-Injected: 1"):
+            for r in (submit(client, audio, callback_url=url),
+                      client.post("/v1/uploads", json={"callback_url": url}, headers=auth(ALICE))):
+                error = r.get_json()["error"]
+                assert r.status_code == 400 and error["code"] == "invalid_callback_url", (url, r.get_json())
+                assert "plain ASCII" in error["message"] and error["param"] == "callback_url"
+        r = submit(client, audio, callback_url="https://8.8.8.8:25/hook")
+        assert r.status_code == 400 and "port 443 or 8443" in r.get_json()["error"]["message"]
+        assert client.get("/v1/jobs", headers=auth(ALICE)).get_json()["data"] == []
+    finally:
+        app.extensions["whisper"].jobs.stop()
+
+
+def trickle_answer(tls):
+    """A byte every 0.25 s: each read gets its byte well within a 1 s timeout, the answer takes 30 s."""
+    read_request(tls)
+    for byte in b"HTTP/1.1 204 No Content\r\nX-Padding: " + b"x" * 100 + b"\r\n\r\n":
+        time.sleep(0.25)
+        tls.sendall(bytes([byte]))
+
+
+def answering(raw: bytes):
+    def answer(tls):
+        read_request(tls)
+        tls.sendall(raw)
+    return answer
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (answering(b"HTTP/1.1 two hundred OK\r\n\r\n"), "BadStatusLine"),
+    (answering(b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n"), "more than 100 headers"),
+    (answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nnot-hex\r\n"), "IncompleteRead"),
+    (trickle_answer, "timed out"),
+    (None, "plain ASCII"),  # a URL stored by an earlier version, which did not check for this
+], ids=["status-line", "headers", "chunking", "trickle", "stored-url"])
+def test_every_delivery_failure_is_recorded_and_the_job_still_purged(make_app, engine, audio, tmp_path, answer,
+                                                                    reason):
+    cert = make_certificate(tmp_path)
+    server = RawTLSServer(cert, answer or answering(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    app = make_app(engine, WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8", WHISPER_WEBHOOK_CA_FILE=cert[0],
+                   WHISPER_WEBHOOK_MAX_ATTEMPTS=1, WHISPER_WEBHOOK_TIMEOUT_S=1, WHISPER_JOB_RETENTION_S=2)
+    try:
+        client, store = app.test_client(), app.extensions["whisper"].jobs.store
+        url = f"https://127.0.0.1:{server.port}/hook"
+        engine.release.clear()
+        job_id = submit(client, audio, callback_url=url).get_json()["id"]
+        if answer is None:
+            assert engine.started.wait(10)
+            store.execute("UPDATE jobs SET callback_url = ? WHERE id = ?", (url + "/réunion café", job_id))
+        engine.release.set()
+        deadline = time.monotonic() + 20
+        while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).get_json())["webhook"]["status"] != \
+                "failed":
+            assert time.monotonic() < deadline, f"the failed delivery was not recorded: {job['webhook']}"
+            time.sleep(0.1)
+        [attempt] = job["webhook"]["attempts"]
+        assert reason in attempt["error"] and "status_code" not in attempt
+        while client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).status_code != 404:
+            assert time.monotonic() < deadline, "the job was not purged"
+            time.sleep(0.2)
+    finally:
+        engine.release.set()
+        server.close()
+        app.extensions["whisper"].jobs.stop()
+
+
+def test_each_delivery_is_claimed_from_its_own_start(make_app, audio, tmp_path):
+    """Ten deliveries due at once, each taking 0.8 s: the last ones must not start on a claim that has run out
+    (another worker would send them too); the claim is counted from when each one is taken."""
+    cert = make_certificate(tmp_path)
+    port = free_port()
+    app = make_app(WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8", WHISPER_WEBHOOK_CA_FILE=cert[0],
+                   WHISPER_WEBHOOK_TIMEOUT_S=1, WHISPER_WEBHOOK_BACKOFF_S=3600)
+    store = app.extensions["whisper"].jobs.store
+    claims_left = {}
+
+    def slow_receiver(tls):
+        _, body = read_request(tls)
+        job_id = json.loads(body)["data"]["id"]
+        [row] = store.query("SELECT webhook_next_at FROM jobs WHERE id = ?", (job_id,))
+        claims_left[job_id] = row["webhook_next_at"] - time.time()
+        time.sleep(0.8)
+        tls.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    server = None
+    try:
+        client = app.test_client()
+        # Nothing listens yet: each first attempt fails at once and the next is an hour away.
+        ids = [submit(client, audio, callback_url=f"https://127.0.0.1:{port}/hook").get_json()["id"]
+               for _ in range(10)]
+        deadline = time.monotonic() + 30
+        while sum(len(wait_status(client, i, ("succeeded",))["webhook"]["attempts"]) for i in ids) < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        server = RawTLSServer(cert, slow_receiver, port=port)
+        store.execute("UPDATE jobs SET webhook_next_at = ? WHERE webhook_status = 'pending'", (time.time(),))
+        while len(claims_left) < 10:
+            assert time.monotonic() < deadline, f"{len(claims_left)} deliveries"
+            time.sleep(0.1)
+        assert min(claims_left.values()) > 1.0, sorted(claims_left.values())  # more than a whole delivery left
+        for job_id in ids:
+            while (job := wait_status(client, job_id, ("succeeded",)))["webhook"]["status"] == "pending":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert [a.get("status_code") for a in job["webhook"]["attempts"]][1:] == [204], job["webhook"]
+        assert server.connections == 10
+    finally:
+        if server is not None:
+            server.close()
+        app.extensions["whisper"].jobs.stop()
+
+
+def thread_cpu_s(threads) -> float:
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads if t.is_alive())
+
+
+def test_draining_workers_wait_without_spinning(app, audio, engine):
+    """SIGUSR1 sets draining (server.py): the workers take no job, and wait for the restart without using CPU."""
+    state = app.extensions["whisper"]
+    client = app.test_client()
+    state.draining.set()
+    job_id = submit(client, audio).get_json()["id"]
+    threads = state.jobs._threads
+    before = thread_cpu_s(threads)
+    time.sleep(2)
+    used = thread_cpu_s(threads) - before
+    assert used < 0.2, f"the job threads used {used:.2f} s of CPU in a 2 s drain"
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).get_json()["status"] == "queued"
+    assert engine.calls == []
+    state.draining.clear()  # the restart did not come: back to work
+    wait_status(client, job_id, ("succeeded",))
+
+
+def test_simultaneous_submissions_with_one_idempotency_key_make_one_job(postgres, tmp_path, keys_file, audio):
+    """The first holds its transaction open until the second waits on the unique index (PostgreSQL shows it
+    in pg_stat_activity): the second did not see the first's row and must still answer with its job."""
+    import psycopg
+
+    database = postgres.new_database()
+    app = create_app(make_settings(
+        WHISPER_API_KEY="", WHISPER_API_KEYS_FILE=keys_file, WHISPER_STATE_DIR=tmp_path / "state",
+        WHISPER_TMP_DIR=tmp_path, WHISPER_JOB_BACKEND="postgresql", WHISPER_JOB_DATABASE_URL=database),
+        FakeEngine())
+    store = app.extensions["whisper"].jobs.store
+    enqueue, first = store.enqueue, threading.Lock()
+
+    def enqueue_once_the_other_waits(db, job_id):
+        if first.acquire(blocking=False):
+            with psycopg.connect(database, autocommit=True) as watcher:
+                deadline = time.monotonic() + 20
+                while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                          "AND wait_event_type = 'Lock'").fetchone()[0]:
+                    assert time.monotonic() < deadline, "the second submission never waited for the first"
+                    time.sleep(0.05)
+        enqueue(db, job_id)
+
+    store.enqueue = enqueue_once_the_other_waits
+    barrier, responses = threading.Barrier(2), []
+
+    def submit_once():
+        client = app.test_client()
+        barrier.wait()
+        r = submit(client, audio, headers={"Idempotency-Key": "meeting-7"})
+        responses.append((r.status_code, r.get_json(), r.headers.get("Idempotent-Replayed")))
+
+    try:
+        threads = [threading.Thread(target=submit_once) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted((status, replayed) for status, _, replayed in responses) == [(200, "true"), (202, None)], \
+            responses
+        assert responses[0][1]["id"] == responses[1][1]["id"]
+        assert len(app.test_client().get("/v1/jobs", headers=auth(ALICE)).get_json()["data"]) == 1
+    finally:
+        app.extensions["whisper"].jobs.stop()

@@ -26,6 +26,7 @@ from .errors import ApiError, http_error
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .grants import is_grant
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openapi import served as served_openapi
 from .settings import LANGUAGES, Settings
 
 log = logging.getLogger("pilotys_whisper")
@@ -128,7 +129,8 @@ class ServiceState:
 
 def create_app(settings: Settings, engine: Engine | None = None, *, load_model: bool = True,
                on_load_error: Callable[[BaseException], None] | None = None) -> Flask:
-    app = Flask("pilotys_whisper")
+    # No static folder: Flask would otherwise add a GET /static/<path> route that is no part of the API.
+    app = Flask("pilotys_whisper", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
     app.json.sort_keys = False
     app.json.ensure_ascii = False
@@ -306,6 +308,12 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
         if state.jobs is not None:
             state.jobs.update_metrics()
         return Response(state.metrics.render(), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json")
+    def openapi():
+        # No key, like /health: the same public contract on every instance, no secret in it, and tools read it
+        # before they are given a key.
+        return jsonify(served_openapi(tuple(sorted(settings.model_aliases))))
 
     @app.get("/v1/models")
     def models():

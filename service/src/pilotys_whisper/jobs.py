@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from . import grants
 from .engines import Cancelled, Segment, TranscribeOptions, Transcription, Word
 from .errors import ApiError
 from .formats import RESPONSE_FORMATS, render
-from .webhooks import WebhookPolicy
+from .webhooks import DeliveryError, WebhookPolicy
 
 log = logging.getLogger("pilotys_whisper.jobs")
 
@@ -41,6 +42,10 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 MAX_ATTEMPTS = 3  # a job that keeps killing the process is failed rather than retried forever
 PROGRESS_EVERY_S = 1.0
+# A worker that claims a webhook delivery holds it this long (a delivery ends within WHISPER_WEBHOOK_TIMEOUT_S;
+# the rest is room for recording the attempt); after that another worker may send it.
+WEBHOOK_CLAIM_FACTOR = 2
+WEBHOOK_CLAIM_MARGIN_S = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -159,7 +164,10 @@ class SqliteBackend:
     def _work(self) -> None:
         manager = self.manager
         while not manager.stopping.is_set():
-            if not manager.state.ready.wait(1.0) or manager.state.draining.is_set():
+            if not manager.state.ready.wait(1.0):
+                continue
+            if manager.state.draining.is_set():
+                manager.stopping.wait(1.0)  # take nothing before the restart, without spinning (ready stays set)
                 continue
             with self.transaction() as db:
                 row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at LIMIT 1").fetchone()
@@ -303,6 +311,12 @@ class JobManager:
                 self.store.enqueue(db, job_id)
         except _Replay as replay:
             return self._replayed(replay.row)
+        except DuplicateJob:
+            # The other submission with this key committed while this one waited for it (PostgreSQL): its job.
+            existing = self._by_idempotency_key(principal.key_id, idempotency_key)
+            if existing is None:
+                raise
+            return self._replayed(existing)
         g.audio_s = params.options.duration_hint
         log.info("job %s queued (%.0f s of audio)", job_id, params.options.duration_hint or 0)
         response = jsonify(self._view(self._get(job_id)))
@@ -569,25 +583,31 @@ class JobManager:
     def _housekeeping(self) -> None:
         last_purge = 0.0
         while not self.stopping.is_set():
-            try:
-                self.store.housekeeping()
-                self._deliver_due()
-                if time.monotonic() - last_purge >= self.settings.job_purge_interval_s:
+            # Each step on its own: one that fails (a database blip) does not skip the others for the round.
+            for step in (self.store.housekeeping, self._deliver_due):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
+                    log.exception("job housekeeping failed")
+            if time.monotonic() - last_purge >= self.settings.job_purge_interval_s:
+                try:
                     self.purge()
-                    last_purge = time.monotonic()
-            except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
-                log.exception("job housekeeping failed")
+                except Exception:  # noqa: BLE001 - as above
+                    log.exception("job purge failed")
+                last_purge = time.monotonic()
             self.stopping.wait(0.5)
 
     def _deliver_due(self) -> None:
-        now = time.time()
         due = self.store.query(
             "SELECT * FROM jobs WHERE webhook_status = 'pending' AND status IN ('succeeded', 'failed') "
-            "AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 10", (now,))
+            "AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT 10", (time.time(),))
         for row in due:
-            # Claim the delivery (workers share the table): whoever moves webhook_next_at first sends it.
+            # Claim the delivery (workers share the table): whoever moves webhook_next_at first sends it. The
+            # claim lasts from now, not from the start of the batch: the deliveries before this one took time,
+            # and a claim already expired would let another worker send it too.
+            claim_until = time.time() + WEBHOOK_CLAIM_FACTOR * self.settings.webhook_timeout_s + WEBHOOK_CLAIM_MARGIN_S
             if self.store.execute("UPDATE jobs SET webhook_next_at = ? WHERE id = ? AND webhook_next_at = ?",
-                                  (now + 2 * self.settings.webhook_timeout_s + 5, row["id"], row["webhook_next_at"])):
+                                  (claim_until, row["id"], row["webhook_next_at"])):
                 self._deliver(row)
 
     def _deliver(self, row) -> None:
@@ -598,17 +618,18 @@ class JobManager:
         if principal is None or not principal.webhook_secret:
             record["error"] = "the API key or its webhook secret was removed"
         else:
-            event = {"id": "evt_" + uuid.uuid4().hex, "type": f"job.{row['status']}", "created_at": _iso(time.time()),
-                     "data": self._view(row)}
+            event_type = f"job.{row['status']}"
+            # The same event on every attempt and from every worker (as Stripe's webhooks): receivers deduplicate
+            # on its id.
+            event = {"id": event_id(row["id"], event_type), "type": event_type,
+                     "created_at": _iso(row["finished_at"]), "data": self._view(row)}
             body = json.dumps(event).encode()
             try:
                 status = self.policy.deliver(row["callback_url"], principal.webhook_secret, body, event["id"])
                 record["status_code"] = status
                 delivered = 200 <= status < 300
-            except ApiError as exc:
-                record["error"] = exc.message
-            except OSError as exc:
-                record["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            except DeliveryError as exc:
+                record["error"] = str(exc)
         attempts.append(record)
         if delivered:
             status, next_at = "delivered", None
@@ -640,6 +661,15 @@ class JobManager:
         if expired:
             log.info("purged %d expired job(s)", len(expired))
         return len(expired)
+
+
+def event_id(job_id: str, event_type: str) -> str:
+    """The id of a job's event: derived from the job, so it is the same on every attempt and every worker."""
+    return "evt_" + hashlib.sha256(f"{job_id}/{event_type}".encode()).hexdigest()[:32]
+
+
+class DuplicateJob(Exception):
+    """The backend refused the job: another one with the same owner and idempotency key committed first."""
 
 
 class _Replay(Exception):

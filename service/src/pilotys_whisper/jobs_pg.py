@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import ApiError
-from .jobs import SCHEMA
+from .jobs import SCHEMA, DuplicateJob
 
 log = logging.getLogger("pilotys_whisper.jobs")
 
@@ -119,11 +119,17 @@ class PostgresBackend:
 
     @contextlib.contextmanager
     def accept(self, job_id: str, upload_path: str):
-        with self.transaction() as db:
-            yield db
-            with open(upload_path, "rb") as f:
-                for seq, chunk in enumerate(iter(lambda: f.read(CHUNK), b"")):
-                    db.execute("INSERT INTO job_audio (job_id, seq, data) VALUES (?, ?, ?)", (job_id, seq, chunk))
+        try:
+            with self.transaction() as db:
+                yield db
+                with open(upload_path, "rb") as f:
+                    for seq, chunk in enumerate(iter(lambda: f.read(CHUNK), b"")):
+                        db.execute("INSERT INTO job_audio (job_id, seq, data) VALUES (?, ?, ?)",
+                                   (job_id, seq, chunk))
+        except psycopg.errors.UniqueViolation as exc:
+            # Two submissions with one idempotency key at once: neither saw the other's uncommitted row, and this
+            # one waited for the other's commit on the unique index. The caller answers with the other's job.
+            raise DuplicateJob(job_id) from exc
 
     @contextlib.contextmanager
     def audio(self, job_id: str):

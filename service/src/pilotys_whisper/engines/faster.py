@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio import SAMPLE_RATE, PcmStream
+from ..repetition import cut_loops, find_loops
 from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word, release_free_memory
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,25 @@ MAX_RETRIES = 2  # times the same audio may be handed back before its tail is dr
 # cores a small batch bounds memory and beam 2 is the cheapest setting more accurate than the original; a GPU
 # has memory to spare, and there greedy decoding of larger batches is 1.6 times as fast for +0.2 WER points.
 AUTO_BATCH_BEAM = {"cpu": (3, 2), "cuda": (16, 1)}
+# The fallback, for a chunk whose first decoding looks wrong (repetitive, a loop, or improbable): at most
+# FALLBACK_DECODER_CALLS more decoder calls, one per temperature, the first result that looks right kept.
+# faster-whisper's own fallback (beam 5, then the best of 5 samples at each of 5 temperatures) could take 26,
+# one after another: 30 s of compute for one chunk of a female espeak-ng voice (bench/README.md).
+FALLBACK_DECODER_CALLS = 4
+FALLBACK_BEAM = 5  # tried first
+# After a loop, beam search alone writes the same loop again (measured): it is then told not to repeat any
+# 3 tokens in a row, which broke every loop of the stress corpus in one call.
+FALLBACK_NO_REPEAT_NGRAM = 3
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8)
+FALLBACK_BEST_OF_GPU = 5  # samples per call on a GPU (one call); on a CPU one sample a call (memory)
+MAX_INITIAL_TIMESTAMP_S = 1.0  # faster-whisper's: the first segment starts in the chunk's first second
+COMPRESSION_LIMIT = 2.4  # faster-whisper's compression_ratio_threshold: above, the text repeats itself
+LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
+# Tokens a chunk may take, by its length: a loop otherwise runs to the model's limit whatever the audio (a 2 s
+# chunk then costs as much decoding as 30 s of speech). Speech measured on the stress corpus: at most about 7
+# tokens (timestamps included) per second, so this caps only chunks under about 20 s, and only loops.
+TOKENS_PER_S = 10
+MIN_TOKENS = 32
 PREFETCH_REGIONS = 4  # speech regions decoded and cut by VAD ahead of the model (each at most 30 s)
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -249,30 +269,6 @@ class _Prefetch:
         self._thread.join()
 
 
-class _DrawOneAtATime:
-    """A WhisperModel as faster-whisper's fallback sees it, except that its samples are drawn one at a time.
-
-    Above temperature 0 the fallback asks CTranslate2 for the best of 5 samples, and CTranslate2 then
-    decodes 5 copies of the chunk at once: about 200 MB more than decoding one, which took a 3-hour meeting's
-    peak from 440 to 520 MB for the one chunk in it that fell back that far. Drawn one by one, the best of 5
-    costs about 50 MB, for about 1.5 times the time of those rare chunks (bench/README.md). Used on a CPU.
-    """
-
-    def __init__(self, model):
-        self._model = model
-        self.model = self  # faster-whisper calls self.model.generate(...)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def generate(self, features, prompts, *, num_hypotheses: int = 1, **kwargs):
-        whisper = self._model.model
-        if num_hypotheses <= 1 or kwargs.get("beam_size", 1) > 1:
-            return whisper.generate(features, prompts, num_hypotheses=num_hypotheses, **kwargs)
-        draws = [whisper.generate(features, prompts, **kwargs)[0] for _ in range(num_hypotheses)]
-        return [max(draws, key=lambda result: result.scores[0])]
-
-
 class FasterWhisperEngine:
     name = "faster-whisper"
 
@@ -350,7 +346,32 @@ class FasterWhisperEngine:
 def _is_silence(no_speech_prob: float, avg_logprob: float) -> bool:
     """Silence the VAD let through: the model says "no speech" and is unsure of the words it found
     (faster-whisper's no_speech_threshold 0.6 and log_prob_threshold -1.0)."""
-    return no_speech_prob > 0.6 and avg_logprob < -1.0
+    return no_speech_prob > 0.6 and avg_logprob < LOGPROB_LIMIT
+
+
+@dataclass
+class _Decoded:
+    """One decoding of a chunk and what it looks like."""
+
+    tokens: list[int]
+    avg_logprob: float
+    compression: float
+    no_speech: float
+    temperature: float
+    looped: bool  # the text holds a repetition loop (repetition.find_loops), wherever in the chunk
+
+    @property
+    def repetitive(self) -> bool:
+        # The compression ratio is of the whole chunk: a loop in a few seconds of it can stay under the limit.
+        return self.compression > COMPRESSION_LIMIT or self.looped
+
+    @property
+    def silent(self) -> bool:
+        return _is_silence(self.no_speech, self.avg_logprob)
+
+    @property
+    def wanting(self) -> bool:
+        return self.repetitive or self.avg_logprob < LOGPROB_LIMIT
 
 
 class _Run:
@@ -404,8 +425,6 @@ class _Run:
         """Decode a batch of chunks; return, for each chunk, the audio the model left for a next window, as
         sequential Whisper does when its last segment is unfinished (it is decoded again in a next batch, so
         nothing said at the end of a chunk is lost)."""
-        from faster_whisper.transcribe import get_compression_ratio
-
         model = self.model
         encoder_output = self._encode(batch)
         if self.tokenizer is None:
@@ -416,7 +435,7 @@ class _Run:
             encoder_output,
             [list(self.prompt) for _ in batch],
             beam_size=1 if sampling else self.engine.beam_size,
-            max_length=model.max_length,
+            max_length=max(self._max_length(chunk) for chunk in batch),
             suppress_blank=True,
             suppress_tokens=list(self.suppress),
             return_scores=True,
@@ -427,22 +446,18 @@ class _Run:
         outputs: list[list[dict]] = []
         leftovers: list[list[Region]] = [[] for _ in batch]
         for index, (chunk, result) in enumerate(zip(batch, results, strict=True)):
-            tokens = result.sequences_ids[0]
-            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            compression = get_compression_ratio(tok.decode(tokens).strip())
-            temperature = self.options.temperature
-            no_speech = result.no_speech_prob
-            if _is_silence(no_speech, avg_logprob):
+            decoded = self._judge(result, 0, self.options.temperature)
+            if decoded.silent:
                 outputs.append([])
                 continue
-            if compression > 2.4 or avg_logprob < -1.0:
-                tokens, avg_logprob, temperature, compression, no_speech = self._fallback(encoder_output, batch,
-                                                                                          index)
+            if decoded.wanting:
+                decoded = self._fallback(encoder_output, batch, index, decoded)
                 # Asked again, as faster-whisper does of its final result: on near silence the fallback's
                 # samples at high temperature invent words the model itself rates as likely silence.
-                if _is_silence(no_speech, avg_logprob):
+                if decoded.silent:
                     outputs.append([])
                     continue
+            tokens = decoded.tokens
             seconds = chunk.audio.shape[0] / SAMPLE_RATE
             frames = int(np.ceil(chunk.audio.shape[0] / model.feature_extractor.hop_length))
             parts, seek, _ = model._split_segments_by_timestamps(
@@ -452,8 +467,9 @@ class _Run:
             if seconds - consumed >= MIN_LEFTOVER_S and all(r.retries < MAX_RETRIES for r in chunk.regions):
                 leftovers[index] = chunk.tail(consumed)
             outputs.append([
-                dict(part, text=tok.decode(part["tokens"]), avg_logprob=avg_logprob, compression_ratio=compression,
-                     no_speech_prob=no_speech, temperature=temperature)
+                self._without_loops(dict(part, text=tok.decode(part["tokens"]), avg_logprob=decoded.avg_logprob,
+                                         compression_ratio=decoded.compression, no_speech_prob=decoded.no_speech,
+                                         temperature=decoded.temperature))
                 for part in parts if any(t < tok.eot for t in part["tokens"])
             ])
         if self.options.word_timestamps and any(outputs):
@@ -473,30 +489,54 @@ class _Run:
             return self._encode([batch[i] for i in keep])
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(encoder_output)[keep]))
 
-    def _fallback_options(self):
-        """faster-whisper's sequential defaults: beam 5, then the best of 5 samples at rising temperatures."""
-        from faster_whisper.transcribe import TranscriptionOptions
+    def _max_length(self, chunk: Chunk) -> int:
+        """CTranslate2's max_length for a chunk: Whisper's decoding stops at half of it in new tokens (measured
+        on 4.8: 30 for 60, 100 for 200, 224 for the model's 448)."""
+        seconds = chunk.audio.shape[0] / SAMPLE_RATE
+        return min(self.model.max_length, 2 * (len(self.prompt) + MIN_TOKENS + int(seconds * TOKENS_PER_S)))
 
-        return TranscriptionOptions(
-            beam_size=5, best_of=5, patience=1.0, length_penalty=1.0, repetition_penalty=1.0,
-            no_repeat_ngram_size=0, log_prob_threshold=-1.0, no_speech_threshold=0.6,
-            compression_ratio_threshold=2.4, condition_on_previous_text=False, prompt_reset_on_temperature=0.5,
-            temperatures=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], initial_prompt=None, prefix=None, suppress_blank=True,
-            suppress_tokens=list(self.suppress), without_timestamps=False, max_initial_timestamp=1.0,
-            word_timestamps=False, prepend_punctuations=PREPEND_PUNCTUATIONS,
-            append_punctuations=APPEND_PUNCTUATIONS, multilingual=False, max_new_tokens=None,
-            clip_timestamps="0", hallucination_silence_threshold=None, hotwords=None)
+    def _judge(self, result, hypothesis: int, temperature: float) -> _Decoded:
+        from faster_whisper.transcribe import get_compression_ratio
 
-    def _fallback(self, encoder_output, batch: list[Chunk], index: int):
-        """Decode one chunk again, as faster-whisper's sequential mode does: beam search, then sampling."""
-        from faster_whisper import WhisperModel
+        tokens = result.sequences_ids[hypothesis]
+        text = self.tokenizer.decode(tokens).strip()
+        return _Decoded(tokens=tokens, avg_logprob=result.scores[hypothesis] * len(tokens) / (len(tokens) + 1),
+                        compression=get_compression_ratio(text), no_speech=result.no_speech_prob,
+                        temperature=temperature, looped=bool(find_loops(text)))
 
+    def _fallback(self, encoder_output, batch: list[Chunk], index: int, first: _Decoded) -> _Decoded:
+        """Decode one chunk again within its budget of FALLBACK_DECODER_CALLS: beam search (kept from
+        repeating itself if the first decoding looped), then one sampling call per rising temperature; the
+        first result that looks right wins. Spent, the most probable result that does not repeat itself
+        (what loops remain in it are cut later)."""
         single = self._rows(encoder_output, batch, [index])
-        # On a GPU memory is not what is short, and 5 samples at once take less time than 5 one by one.
-        model = self.model if self.model.model.device == "cuda" else _DrawOneAtATime(self.model)
-        result, avg_logprob, temperature, compression = WhisperModel.generate_with_fallback(
-            model, single, list(self.prompt), self.tokenizer, self._fallback_options())
-        return result.sequences_ids[0], avg_logprob, temperature, compression, result.no_speech_prob
+        gpu = self.model.model.device == "cuda"
+        tried = [first]
+        for temperature in [0.0, *FALLBACK_TEMPERATURES][:FALLBACK_DECODER_CALLS]:
+            if temperature > 0:
+                # On a GPU memory is not what is short, and several samples in one call cost about one.
+                kwargs = dict(beam_size=1, num_hypotheses=FALLBACK_BEST_OF_GPU if gpu else 1, sampling_topk=0,
+                              sampling_temperature=temperature)
+            else:
+                kwargs = dict(beam_size=FALLBACK_BEAM,
+                              no_repeat_ngram_size=FALLBACK_NO_REPEAT_NGRAM if first.repetitive else 0)
+            [result] = self.model.model.generate(
+                single, [list(self.prompt)], max_length=self._max_length(batch[index]), return_scores=True,
+                return_no_speech_prob=True, suppress_blank=True, suppress_tokens=list(self.suppress),
+                max_initial_timestamp_index=round(MAX_INITIAL_TIMESTAMP_S / self.model.time_precision), **kwargs)
+            samples = [self._judge(result, h, temperature) for h in range(len(result.sequences_ids))]
+            tried += samples
+            for decoded in sorted(samples, key=lambda d: d.repetitive):  # the best that does not loop, first
+                if decoded.silent or not decoded.wanting:
+                    return decoded
+        return max([d for d in tried if not d.repetitive] or tried, key=lambda d: d.avg_logprob)
+
+    def _without_loops(self, part: dict) -> dict:
+        """A segment with a loop the fallback could not avoid, written with the loop once."""
+        text = cut_loops(part["text"])
+        if text == part["text"]:
+            return part
+        return dict(part, text=text, tokens=self.tokenizer.encode(text))
 
     def _add_words(self, outputs: list[list[dict]], encoder_output, batch: list[Chunk]) -> None:
         model = self.model
