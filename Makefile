@@ -46,7 +46,8 @@ rig: deps
 lint: venv
 	yamllint --strict .
 	ansible-lint
-	ruff check service scripts/fetch-assets scripts/ct2_to_openai_whisper.py tests bench molecule
+	ruff check service scripts/fetch-assets scripts/ct2_whisper.py scripts/ct2_to_openai_whisper.py scripts/ct2_to_ggml.py \
+		tests bench molecule
 	shellcheck scripts/install-host-deps scripts/demo rig/rig tests/rig/*.sh bench/run
 
 test-service: venv assets

@@ -1,7 +1,9 @@
-"""Speed, memory and accuracy of our service against the original openai-whisper server, on real recordings.
+"""Speed, memory and accuracy of our service against the original openai-whisper server and whisper.cpp, on real
+recordings.
 
 Each server variant runs as a real process, one at a time. Run it through bench/run, which builds the
-virtualenv, the openai-whisper checkpoint and the long recording this script expects; see bench/README.md.
+virtualenv, the openai-whisper checkpoint, the ggml model and the long recording this script expects; see
+bench/README.md. run_variant() takes any list of AudioFile, so other corpora can be sent through the same servers.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ WARMUP_NAME = "warmup_10s"  # built by bench/run: the first 10 s of lecture_en_6
 GOAL_RTF = {"cpu": 0.05, "cuda": 0.005}  # on the long recordings (base: 2 CPU cores, or one GPU in float16)
 GOAL_WER_MARGIN = 0.01  # one point above the original's word-error rate
 GOAL_PEAK_MB = 450  # process tree, every file
+GOAL_PEER_SPEEDUP = 1.5  # ours against whisper.cpp on the long recordings, at equal or better WER and less memory
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Variant:
     description: str
     env: dict[str, str] = field(default_factory=dict)  # WHISPER_* settings on top of the defaults
     original: bool = False
+    whispercpp_args: tuple[str, ...] | None = None  # a whisper.cpp peer (whispercpp_server.py) with these options
 
 
 VARIANTS = {v.name: v for v in (
@@ -81,8 +85,14 @@ VARIANTS = {v.name: v for v in (
     # Our service with the original engine (the converted checkpoint): the engine alone, same HTTP layer.
     Variant("ours-openai", "ours with WHISPER_ENGINE=openai-whisper (the converted checkpoint)",
             {"WHISPER_ENGINE": "openai-whisper"}),
+    # Peers on the same weights (scripts/ct2_to_ggml.py), 2 threads as ours on 2 cores.
+    Variant("whisper.cpp", "whisper.cpp via pywhispercpp, ggml f16, 2 threads, pywhispercpp's defaults (greedy, "
+                           "temperature fallback) (bench/whispercpp_server.py)", whispercpp_args=()),
+    Variant("whisper.cpp-beam5", "whisper.cpp via pywhispercpp with beam 5 (whisper.cpp's command-line default)",
+            whispercpp_args=("--beam-size", "5")),
 )}
-CPU_VARIANTS = ("original", "ours", "ours-greedy", "ours-beam3", "ours-batch4", "ours-batch2", "ours-novad")
+CPU_VARIANTS = ("original", "whisper.cpp", "ours", "ours-greedy", "ours-beam3", "ours-batch4", "ours-batch2",
+                "ours-novad")
 CUDA_VARIANTS = ("ours", "ours-beam2", "ours-batch3", "ours-batch8", "ours-openai")
 
 
@@ -267,6 +277,9 @@ class ServerProcess:
         if variant.original:
             self.command = [sys.executable, str(HERE / "original_server.py"), "--model", str(args.openai_model),
                             "--port", str(self.port)]
+        elif variant.whispercpp_args is not None:
+            self.command = [sys.executable, str(HERE / "whispercpp_server.py"), "--model", str(args.ggml_model),
+                            "--port", str(self.port), "--threads", "2", *variant.whispercpp_args]
         else:
             self.command = [sys.executable, "-m", "pilotys_whisper", "serve"]
             env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "service" / "src"), env.get("PYTHONPATH")])),
@@ -490,7 +503,7 @@ def environment(args) -> dict:
         "python": platform.python_version(), "device": args.device,
         "commit": git("rev-parse", "--short", "HEAD") + (" (modified tree)" if git("status", "--porcelain") else ""),
         "versions": {d: version(d) for d in ("torch", "openai-whisper", "ctranslate2", "faster-whisper",
-                                             "onnxruntime", "numpy")},
+                                             "onnxruntime", "numpy", "pywhispercpp")},
     }
 
 
@@ -531,6 +544,21 @@ def goals(results: list[dict], files: dict[str, AudioFile], device: str) -> list
                     f"{worst['tree_peak_mb']:.0f} MB on {worst['file']} (server VmHWM over the run {hwm:.0f} MB)"))
     else:
         out.append(("n/a", goal, "ours not measured in this run"))
+
+    long_names = [n for n in ours if files[n].long]
+    for peer in (r for r in results if VARIANTS[r["variant"]].whispercpp_args is not None):
+        goal = (f"ours against {peer['variant']}: at least {GOAL_PEER_SPEEDUP}x its speed (best request of each), "
+                "equal or better WER, lower tree peak, on the long recordings")
+        pairs = [(n, ours[n], peer["files"][n]) for n in long_names if n in peer["files"]]
+        if not pairs:
+            out.append(("n/a", goal, "needs ours and this peer on a long recording"))
+            continue
+        ok = all(p["rtf_min"] >= GOAL_PEER_SPEEDUP * m["rtf_min"] and m["wer"] <= p["wer"] + 1e-9
+                 and m["tree_peak_mb"] < p["tree_peak_mb"] for _, m, p in pairs)
+        out.append(("PASS" if ok else "MISS", goal, ", ".join(
+            f"{n} {p['rtf_min'] / m['rtf_min']:.2f}x (RTF {m['rtf_min']:.3f} vs {p['rtf_min']:.3f}), WER "
+            f"{m['wer']:.1%} vs {p['wer']:.1%}, peak {m['tree_peak_mb']:.0f} vs {p['tree_peak_mb']:.0f} MB"
+            for n, m, p in pairs)))
     return out
 
 
@@ -601,9 +629,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where bench/run built the long recording and the warm-up clip")
     parser.add_argument("--openai-model", type=Path, help="the converted checkpoint "
                                                           "(default: ASSETS/models/base-openai.pt)")
+    parser.add_argument("--ggml-model", type=Path, help="the converted whisper.cpp model "
+                                                        "(default: ASSETS/models/ggml-base.bin)")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.openai_model = args.openai_model or args.assets / "models" / "base-openai.pt"
+    args.ggml_model = args.ggml_model or args.assets / "models" / "ggml-base.bin"
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
     default_servers = list(CUDA_VARIANTS if args.device == "cuda" else CPU_VARIANTS)
@@ -629,10 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     needed += [a.reference for a in files.values() if a.reference]
     if "original" in args.server_names or "ours-openai" in args.server_names:
         needed.append(args.openai_model)
+    if any(VARIANTS[name].whispercpp_args is not None for name in args.server_names):
+        needed.append(args.ggml_model)
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         sys.exit("bench: missing " + ", ".join(missing) + "\n(run `make assets`, then bench/run, which builds the "
-                 "long recording, the warm-up clip and the openai-whisper checkpoint)")
+                 "long recording, the warm-up clip, the openai-whisper checkpoint and the ggml model)")
 
     started = datetime.now()
     stamp = started.strftime("%Y%m%d-%H%M%S")

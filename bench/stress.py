@@ -159,10 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--assets", type=Path, default=CACHE / "assets")
     parser.add_argument("--work-dir", type=Path, default=CACHE / "bench")
     parser.add_argument("--openai-model", type=Path)
+    parser.add_argument("--ggml-model", type=Path, help="for the whisper.cpp peers (bench.py's --ggml-model)")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.device = "cpu"
     args.openai_model = args.openai_model or args.assets / "models" / "base-openai.pt"
+    args.ggml_model = args.ggml_model or args.assets / "models" / "ggml-base.bin"
     args.classes = args.classes.split(",") if args.classes else None
     args.server_names = args.servers.split(",")
     unknown = [n for n in args.server_names if n not in VARIANTS]

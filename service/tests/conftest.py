@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from pilotys_whisper.settings import Settings
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
+SCRIPTS = HERE.parents[1] / "scripts"
 KEY = "test-key-0123456789abcdef"
 
 
@@ -119,6 +121,13 @@ def wer(reference: str, hypothesis: str) -> float:
 
 def reference(name: str) -> str:
     return (DATA / f"{name}.txt").read_text()
+
+
+def load_script(name: str):
+    """A Python script of scripts/ as a module; the converters import their shared reader by name, as when run."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.append(str(SCRIPTS))
+    return importlib.import_module(name)
 
 
 class FakeEngine:

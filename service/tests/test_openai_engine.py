@@ -1,7 +1,6 @@
 """The openai-whisper engine (WHISPER_ENGINE=openai-whisper) on the real `base` weights and real speech, loaded
 from a model directory as the Ansible role provisions it (/models/base holding base.pt)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,17 +10,7 @@ from pilotys_whisper.engines import TranscribeOptions
 from pilotys_whisper.engines.openai import OpenAIWhisperEngine
 from pilotys_whisper.settings import Settings
 
-from conftest import reference, wer
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _converter():
-    path = REPO / "scripts" / "ct2_to_openai_whisper.py"
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script, reference, wer
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +18,7 @@ def openai_model_dir(model_dir, tmp_path_factory):
     """The assets' faster-whisper `base` converted to an openai-whisper checkpoint, alone in its directory."""
     directory = tmp_path_factory.mktemp("models") / "base"
     directory.mkdir()
-    _converter().write_checkpoint(model_dir, directory / "base.pt")
+    load_script("ct2_to_openai_whisper").write_checkpoint(model_dir, directory / "base.pt")
     return directory
 
 
