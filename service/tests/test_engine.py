@@ -244,15 +244,22 @@ def counted(engine, monkeypatch):
     return spy
 
 
-def test_fallback_stays_within_its_budget_of_decoder_calls(engine, audio, counted):
-    """Made to find every result wanting, the fallback costs FALLBACK_DECODER_CALLS calls (faster-whisper's
-    own: 26), one sample per call on a CPU (5 at once cost +200 MB, bench/README.md)."""
+@pytest.fixture
+def lecture_chunk(engine, audio):
+    """A run over 10 s of the English lecture, encoded and ready for the fallback: (run, batch, encoder output)."""
     with PcmStream(str(audio("lecture_en_60s.wav"))) as stream:
         speech = next(stream.blocks(10.0))
     run = _Run(engine, TranscribeOptions(language="en"))
     batch = [Chunk([Region(0, speech)])]
     encoded = run._encode(batch)
     run._prepare(encoded)
+    return run, batch, encoded
+
+
+def test_fallback_stays_within_its_budget_of_decoder_calls(lecture_chunk, counted):
+    """Made to find every result wanting, the fallback costs FALLBACK_DECODER_CALLS calls (faster-whisper's
+    own: 26), one sample per call on a CPU (5 at once cost +200 MB, bench/README.md)."""
+    run, batch, encoded = lecture_chunk
     first = _Decoded(tokens=[], avg_logprob=-5.0, compression=1.0, no_speech=0.0, temperature=0.0, looped=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_Decoded, "wanting", property(lambda self: True))
@@ -268,13 +275,8 @@ def test_fallback_stays_within_its_budget_of_decoder_calls(engine, audio, counte
     assert len([w for w in heard if w in said]) >= 0.7 * len(heard) > 0, heard
 
 
-def test_after_a_loop_beam_search_is_kept_from_repeating_itself(engine, audio, counted):
-    with PcmStream(str(audio("lecture_en_60s.wav"))) as stream:
-        speech = next(stream.blocks(10.0))
-    run = _Run(engine, TranscribeOptions(language="en"))
-    batch = [Chunk([Region(0, speech)])]
-    encoded = run._encode(batch)
-    run._prepare(encoded)
+def test_after_a_loop_beam_search_is_kept_from_repeating_itself(lecture_chunk, counted):
+    run, batch, encoded = lecture_chunk
     looped = _Decoded(tokens=[], avg_logprob=-0.1, compression=9.0, no_speech=0.0, temperature=0.0, looped=True)
     best = run._fallback(encoded, batch, 0, looped)
     assert counted.calls[0]["beam_size"] == 5 and counted.calls[0]["no_repeat_ngram_size"] == 3
