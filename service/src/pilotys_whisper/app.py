@@ -25,7 +25,6 @@ from .engines import Engine, TranscribeOptions, build_engine
 from .errors import ApiError, http_error
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .grants import is_grant
-from .grants import verify as verify_grant
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import served as served_openapi
 from .settings import LANGUAGES, Settings
@@ -113,7 +112,7 @@ class ServiceState:
         if is_grant(request.headers.get("Authorization")):
             # A forged or expired grant is 401 invalid_token; a valid one lacks the right to do this: 403
             # insufficient_scope (RFC 6750 section 3.1), not 401, which would tell the client to authenticate.
-            verify_grant(self.keyring, request.headers["Authorization"])
+            grants.verify(self.keyring, request.headers["Authorization"])
             raise ApiError(403, "upload_grant_not_accepted",
                            "an upload grant only creates a job (POST /v1/jobs); use the API key here",
                            headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
