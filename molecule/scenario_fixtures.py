@@ -4,6 +4,7 @@ the scenario's inventory (tests/ sits beside it), and helpers the tests import f
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 
 
 def _credentials(request) -> Path:
-    return Path(request.path).resolve().parent.parent / "inventory" / "credentials"
+    # The scenario Molecule runs: another scenario may run these tests through a link (molecule/debian12).
+    scenario = os.environ.get("MOLECULE_SCENARIO_DIRECTORY") or Path(request.path).resolve().parent.parent
+    return Path(scenario) / "inventory" / "credentials"
 
 
 @pytest.fixture(scope="module")

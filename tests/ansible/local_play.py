@@ -18,9 +18,9 @@ MANAGED = "Managed by Ansible (tests)"
 
 
 def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts: dict | None = None,
-             check: bool = False) -> subprocess.CompletedProcess:
+             check: bool = False, tags: str | None = None) -> subprocess.CompletedProcess:
     """Run TASKS on HOSTS ({name: host vars}, one local host by default) with EXTRA_VARS, in check mode with
-    CHECK; never raises."""
+    CHECK, only TAGS when given; never raises."""
     hosts = hosts or {"testhost": {}}
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = {"all": {"hosts": {name: {**local, **values} for name, values in hosts.items()}}}
@@ -30,18 +30,20 @@ def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts:
     (tmp_path / "vars.json").write_text(json.dumps({"ansible_managed": MANAGED, **(extra_vars or {})}))
     return subprocess.run(
         [ANSIBLE_PLAYBOOK, "-i", str(tmp_path / "inventory.yml"), "-e", f"@{tmp_path / 'vars.json'}",
-         str(tmp_path / "play.yml"), *(["--check"] if check else [])],
+         str(tmp_path / "play.yml"), *(["--check"] if check else []), *(["--tags", tags] if tags else [])],
         check=False, capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
              "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
 
 
-def render(role: str, template: str, tmp_path: Path, extra_vars: dict | None = None) -> str:
-    """TEMPLATE of ROLE rendered with the role's defaults and vars, overridden by EXTRA_VARS."""
+def render(role: str, template: str, tmp_path: Path, extra_vars: dict | None = None, release: str = "Debian-13") -> str:
+    """TEMPLATE of ROLE rendered with the role's defaults and vars (those of RELEASE too, vars/RELEASE.yml),
+    overridden by EXTRA_VARS."""
     role_dir = ROOT / "roles" / role
     out = tmp_path / template.removesuffix(".j2")
-    tasks = [{"name": f"Load {part}", "ansible.builtin.include_vars": {"file": str(role_dir / part / "main.yml")}}
-             for part in ("defaults", "vars") if (role_dir / part / "main.yml").is_file()]
+    tasks = [{"name": f"Load {part}", "ansible.builtin.include_vars": {"file": str(path)}}
+             for part, path in (("defaults", role_dir / "defaults" / "main.yml"), ("vars", role_dir / "vars" / "main.yml"),
+                                (release, role_dir / "vars" / f"{release}.yml")) if path.is_file()]
     tasks.append({"name": "Render", "ansible.builtin.template": {
         "src": str(role_dir / "templates" / template), "dest": str(out), "mode": "0600"}})
     done = run_play(tasks, tmp_path, extra_vars)
@@ -50,10 +52,10 @@ def render(role: str, template: str, tmp_path: Path, extra_vars: dict | None = N
 
 
 def run_role_tasks(role: str, tasks_from: str, tmp_path: Path, extra_vars: dict | None = None,
-                   hosts: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+                   hosts: dict | None = None, check: bool = False, tags: str | None = None) -> subprocess.CompletedProcess:
     """ROLE's tasks file TASKS_FROM (e.g. preflight) on local HOSTS, with the role's defaults under EXTRA_VARS."""
     return run_play([{"name": "Include the role's tasks", "ansible.builtin.include_role": {
-        "name": role, "tasks_from": tasks_from}}], tmp_path, extra_vars, hosts, check)
+        "name": role, "tasks_from": tasks_from}}], tmp_path, extra_vars, hosts, check, tags)
 
 
 def recap(output: str) -> dict:

@@ -14,7 +14,7 @@ import pytest
 import requests
 from conftest import port_open  # molecule/scenario_fixtures.py, shared by the scenarios
 
-SCENARIO = Path(__file__).resolve().parent.parent
+SCENARIO = Path(os.environ.get("MOLECULE_SCENARIO_DIRECTORY") or Path(__file__).resolve().parent.parent)
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", SCENARIO.parent.parent))
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 FRENCH = ASSETS / "audio" / "fr_meeting.webm"  # what Chrome's MediaRecorder uploads
