@@ -13,12 +13,15 @@ BIN := $(VENV)/bin
 export PILOTYS_WHISPER_ASSETS := $(PILOTYS_WHISPER_CACHE)/assets
 export PATH := $(BIN):$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
+# The Debian release of the demo host: 13 (trixie) or 12 (bookworm).
+export DEBIAN ?= 13
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
 	molecule test-cluster unit test demo demo-down bench bench-load
 
 help:
-	@echo "make demo       provision a local disposable host and transcribe a sample over HTTPS"
+	@echo "make demo       provision a local disposable Debian 13 host and transcribe a sample over HTTPS"
+	@echo "                (make demo DEBIAN=12: a Debian 12 host)"
 	@echo "make demo-down  remove the demo host"
 	@echo "make test       every test: lint, service, Ansible, client, rig, container, Molecule"
 	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
@@ -41,7 +44,7 @@ assets: deps
 
 rig: deps
 	@rig/rig deps
-	@rig/rig prepare
+	@rig/rig prepare trixie bookworm
 
 lint: venv
 	yamllint --strict .
@@ -65,8 +68,10 @@ test-rig: venv rig
 test-container: venv assets rig
 	python -m pytest -q -s tests/container
 
+# Debian 13 with every check, then Debian 12: converge, idempotence and the core checks (molecule/debian12).
 molecule: venv assets rig
 	molecule test --scenario-name default
+	molecule test --scenario-name debian12
 
 # Four disposable hosts (about 16 min): kept out of `make test` (CI time); run it when the cluster changes.
 test-cluster: venv assets rig

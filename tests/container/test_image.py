@@ -16,7 +16,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("PILOTYS_WHISPER_ASSETS", Path.home() / ".cache" / "pilotys-whisper" / "assets"))
 RIG_DIR = Path(os.environ.get("RIG_DIR", "/var/lib/pilotys-rig"))
-BASE = "localhost/pilotys-base:bookworm"
+BASE = "localhost/pilotys-base:trixie"
 IMAGE = "localhost/pilotys-whisper:test"
 KEY = "container-test-key-0123456789"
 os.environ.setdefault("CONTAINERS_CONF", str(Path(__file__).with_name("containers.conf")))
@@ -43,8 +43,8 @@ def images(tmp_path_factory):
         pytest.fail("podman is missing: `make deps` installs it", pytrace=False)
     if podman("image", "exists", BASE, check=False).returncode != 0:
         # No registry here: the base image is the disposable hosts' Debian root filesystem.
-        rootfs = RIG_DIR / "rootfs"
-        assert (rootfs / "usr" / "bin" / "python3").exists(), f"no rootfs in {rootfs}: run `rig/rig prepare`"
+        rootfs = RIG_DIR / "rootfs-trixie"
+        assert (rootfs / "usr" / "bin" / "python3").exists(), f"no rootfs in {rootfs}: run `rig/rig prepare trixie`"
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./root/.ssh", "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, check=True, capture_output=True)
         tar.wait()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end test of rig/rig: two hosts, SSH, guest-to-guest traffic, apt, a reboot, the inventory,
+# End-to-end test of rig/rig: two hosts (Debian 13 and 12), SSH, guest-to-guest traffic, apt, a reboot, the inventory,
 # then teardown and a check that nothing is left. Root only; talks only to the 10.66.x hosts it makes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,9 +11,17 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 cleanup() { $RIG down "$A" >/dev/null 2>&1 || true; $RIG down "$B" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-step "prepare"; $RIG prepare
-step "up $A and $B"; $RIG up "$A" 241 2>/dev/null; $RIG up "$B" 242 2>/dev/null
+step "prepare"; $RIG prepare trixie bookworm
+step "up $A (trixie) and $B (bookworm)"; $RIG up "$A" 241 --suite trixie 2>/dev/null; $RIG up "$B" 242 --suite bookworm 2>/dev/null
 step "again: up is idempotent"; $RIG up "$A" 241 2>/dev/null
+! $RIG up "$A" 241 --suite bookworm 2>/dev/null || fail "a trixie host was accepted again as bookworm"
+[ "$($RIG ssh "$A" cut -d. -f1 /etc/debian_version)" = 13 ] || fail "$A is not Debian 13"
+[ "$($RIG ssh "$B" cut -d. -f1 /etc/debian_version)" = 12 ] || fail "$B is not Debian 12"
+# Each guest's apt sources name its own release (deb822), never this machine's.
+$RIG ssh "$A" grep -qx "'Suites: trixie trixie-updates'" /etc/apt/sources.list.d/debian.sources ||
+  fail "$A's apt sources are not trixie's"
+$RIG ssh "$A" '! grep -rqs bookworm /etc/apt/sources.list /etc/apt/sources.list.d/' || fail "$A has bookworm sources"
+[ "$($RIG list | awk -v h="$B" '$1 == h {print $3}')" = bookworm ] || fail "rig list does not say $B's suite"
 [ "$($RIG ssh "$A" systemd-detect-virt)" = systemd-nspawn ] || fail "not a systemd-nspawn guest"
 [ "$($RIG ssh "$A" hostname)" = "$A" ] || fail "wrong hostname"
 $RIG ssh "$A" ping -c1 -W2 "$($RIG ip "$B")" >/dev/null || fail "guests cannot reach each other"
