@@ -138,6 +138,15 @@ def test_transcribes_french_with_the_key(container):
     assert "réunion" in r.json()["text"].lower()
 
 
+def test_cuda_library_path_is_the_venvs_whatever_its_python(container):
+    """LD_LIBRARY_PATH names /opt/whisper/site-packages, a link to the venv's own (python3.13 on trixie)."""
+    env = podman("exec", container.name, "printenv", "LD_LIBRARY_PATH").stdout.strip()
+    assert env == "/opt/whisper/site-packages/nvidia/cublas/lib:/opt/whisper/site-packages/nvidia/cudnn/lib"
+    purelib = podman("exec", container.name, "python3", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
+    assert podman("exec", container.name, "readlink", "/opt/whisper/site-packages").stdout.strip() == \
+        purelib.stdout.strip() == "/opt/whisper/lib/python3.13/site-packages"
+
+
 def test_refuses_without_the_key(container):
     assert french(container.url, None).status_code == 401
 
