@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .settings import Settings, SettingsError
@@ -57,7 +58,7 @@ def _settings(env: dict[str, str] | None = None) -> Settings:
         raise SystemExit(2) from exc
 
 
-def cmd_serve(_args) -> int:
+def cmd_serve(_args) -> NoReturn:
     _tune_memory()
     settings = _settings()
     _configure_logging(settings.log_level)
@@ -71,7 +72,13 @@ def cmd_serve(_args) -> int:
 
     app = create_app(settings, on_load_error=on_load_error)
     run(app, settings)
-    return 0
+    # Everything is stopped and cleaned up by now, but a request cut off by the drain may still be inside the
+    # model on a worker thread: finalizing the interpreter under it crashed Python 3.13 (SIGSEGV on Debian 13
+    # after a drain timeout). Leave without finalizing, once the logs are flushed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_check_config(args) -> int:
