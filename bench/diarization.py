@@ -177,7 +177,7 @@ class Phase:
                                   "added_mb": round((status_kb("VmHWM") - self.rss) / 1024, 1)}
 
 
-def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | None) -> None:
+def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | None, language: str = "fr") -> None:
     """One measurement in this fresh process: `asr` (default options), `both` (words + diarization) or
     `diarize` (the diarizer alone)."""
     record: dict = {"mode": mode, "wav": str(wav)}
@@ -190,7 +190,7 @@ def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | Non
         with Phase(record, "load_asr"):
             engine.load()
         with Phase(record, "asr"):
-            transcription = engine.transcribe(str(wav), TranscribeOptions(language="fr",
+            transcription = engine.transcribe(str(wav), TranscribeOptions(language=language,
                                                                           word_timestamps=mode == "both"))
         record["transcript_words"] = len(transcription.text.split())
     if mode in ("both", "diarize"):
@@ -212,10 +212,10 @@ def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | Non
     out.write_text(json.dumps(record, ensure_ascii=False))
 
 
-def measure(mode: str, wav: Path, args, tag: str, num_speakers: int | None = None) -> dict:
+def measure(mode: str, wav: Path, args, tag: str, num_speakers: int | None = None, language: str = "fr") -> dict:
     out = args.work / f"{tag}.{mode}.json"
     command = [sys.executable, __file__, "--worker", mode, "--wav", str(wav), "--out", str(out),
-               "--model", str(args.assets / "models" / "base")]
+               "--model", str(args.assets / "models" / "base"), "--language", language]
     if num_speakers:
         command += ["--num-speakers", str(num_speakers)]
     began = time.monotonic()
@@ -312,7 +312,7 @@ def cost_figures(args) -> dict:
 def real_recording(args) -> dict:
     """The TV news (several voices, no reference of who speaks): what the diarizer finds, with the transcript."""
     wav = args.assets / "audio" / "news_en_169s.wav"
-    record = measure("both", wav, args, "news_en_169s")
+    record = measure("both", wav, args, "news_en_169s", language="en")
     talk: dict[str, float] = {}
     for a, b, s in record["turns"]:
         talk[s] = talk.get(s, 0.0) + b - a
@@ -331,24 +331,26 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true", help="also the cost on 10 minutes and 3 hours")
     parser.add_argument("--cost-only", action="store_true", help="only the cost")
     parser.add_argument("--real", action="store_true", help="also the TV news of the assets")
+    parser.add_argument("--real-only", action="store_true", help="only the TV news")
     parser.add_argument("--service-src", type=Path, default=SERVICE_SRC,
                         help="run another checkout's service (its src directory)")
     parser.add_argument("--oracle-count", action="store_true", help="tell the diarizer the true speaker count")
     parser.add_argument("--num-speakers", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--language", default="fr", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("asr", "both", "diarize"), help=argparse.SUPPRESS)
     parser.add_argument("--wav", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.wav, args.out, args.model, args.num_speakers)
+        worker(args.worker, args.wav, args.out, args.model, args.num_speakers, args.language)
         return
     os.environ["DIARIZATION_SERVICE_SRC"] = str(args.service_src.resolve())  # the workers' service
     args.corpus = args.work_dir / "diarization"
     args.work = args.corpus / "runs"
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    if not args.cost_only:
+    if not (args.cost_only or args.real_only):
         entries = diar_corpus.generate(args.corpus, names=args.meetings)
         for entry in entries:
             log(f"{entry['name']}: {entry['duration']:.0f} s, {len(entry['speakers'])} speakers")
@@ -359,7 +361,7 @@ def main() -> None:
             log(f"  found {r['found']}, DER ±0.25 s {pct(r['der_0.25']['der'])}, no collar {pct(r['der_none']['der'])}"
                 f", words wrong {pct(r['words']['wrong'])}")
     cost = cost_figures(args) if args.cost or args.cost_only else {}
-    extra = real_recording(args) if args.real else {}
+    extra = real_recording(args) if args.real or args.real_only else {}
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     results = HERE / "results"
     results.mkdir(exist_ok=True)
