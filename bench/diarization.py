@@ -208,7 +208,8 @@ def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | Non
             record["segments"] = [{"start": s.start, "end": s.end, "text": s.text, "speaker": str(s.speaker),
                                    "words": [[w.start, w.end, w.word] for w in (s.words or [])]}
                                   for s in segments]
-    record["process_peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # The process's peak: the highest of its phases' (each phase resets VmHWM, and ru_maxrss follows the reset).
+    record["process_peak_mb"] = max(v["peak_mb"] for v in record.values() if isinstance(v, dict))
     out.write_text(json.dumps(record, ensure_ascii=False))
 
 
