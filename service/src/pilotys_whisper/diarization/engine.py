@@ -85,6 +85,16 @@ def _given_regions(blocks: Iterable[np.ndarray], speech: list[tuple[float, float
                 yield max(start, buf_start), buf[max(start, buf_start) - buf_start:end - buf_start].copy()
 
 
+def _smoothed(vectors: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Each window's embedding averaged with its neighbours' in the same speech region (2.4 s of context
+    instead of 1.6 s): less noise for the clustering, which on the corpus counted speakers better so."""
+    total = vectors.astype(np.float64)
+    same = owner[1:] == owner[:-1]
+    total[1:][same] += vectors[:-1][same]
+    total[:-1][same] += vectors[1:][same]
+    return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+
+
 class Diarizer:
     """Speaker diarization with a GE2E encoder in ONNX. Load once at start-up; diarize() is thread-safe."""
 
@@ -228,20 +238,27 @@ class Diarizer:
     def diarize(self, audio, *, speech: list[tuple[float, float]] | None = None, num_speakers: int | None = None,
                 min_speakers: int | None = None, max_speakers: int | None = None,
                 references: dict[str, np.ndarray] | None = None) -> Diarization:
+        embedded = self._embed_regions(self._regions(audio, speech))
+        return self.label(*embedded, num_speakers=num_speakers, min_speakers=min_speakers,
+                          max_speakers=max_speakers, references=references)
+
+    @classmethod
+    def label(cls, times, vectors, full, owner, spans, *, num_speakers=None, min_speakers=None, max_speakers=None,
+              references=None) -> Diarization:
+        """Speakers from the windows' embeddings (what _embed_regions gives)."""
         from .clustering import cluster, match_references
 
-        times, vectors, full, owner, spans = self._embed_regions(self._regions(audio, speech))
         if vectors.shape[0] == 0:
             return Diarization(turns=[], speakers=[], windows=0, affinity_size=0)
         clustered = np.flatnonzero(full) if full.any() else np.arange(vectors.shape[0])
-        found = cluster(vectors[clustered], num_speakers=num_speakers, min_speakers=min_speakers,
-                        max_speakers=max_speakers)
+        found = cluster(_smoothed(vectors, owner)[clustered], num_speakers=num_speakers, min_speakers=min_speakers,
+                        max_speakers=max_speakers, regions=owner[clustered])
         # Every window (the short ones too) takes the speaker whose centroid is nearest; the clustered ones
         # keep the cluster they were put in.
         labels = np.argmax(vectors @ found.centroids.T.astype(np.float32), axis=1)
         labels[clustered] = found.labels
         names = match_references(found.centroids, references or {}, REFERENCE_MIN_SIMILARITY)
-        turns = self._turns(times, labels, owner, spans)
+        turns = cls._turns(times, labels, owner, spans)
         ordered: dict[int, str] = {}
         for label, _ in turns:
             if label not in ordered:
