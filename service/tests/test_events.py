@@ -172,3 +172,45 @@ def test_a_failed_job_streams_job_failed(model_dir, audio, tmp_path):
         assert outcome["status"] == "failed" and outcome["error"]["code"] == "audio_too_long", outcome
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def clip(audio, tmp_path_factory):
+    """The lecture's first 25 s: several segments, quick to transcribe twice."""
+    path = tmp_path_factory.mktemp("clip") / "lecture_25s.wav"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(audio("lecture_en_60s.wav")), "-t", "25", str(path)],
+                   check=True)
+    return path
+
+
+def test_the_openai_client_iterates_a_streamed_transcription(server, clip):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=ALICE, max_retries=0, timeout=600)
+    with open(clip, "rb") as f:
+        events = list(client.audio.transcriptions.create(model="whisper-1", file=f, language="en", stream=True))
+    types = [e.type for e in events]
+    assert types[-1] == "transcript.text.done" and set(types[:-1]) == {"transcript.text.delta"}, types
+    assert len(types) > 2, "the text came in one piece, not segment by segment"
+    done = events[-1]
+    assert "".join(e.delta for e in events[:-1]) == done.text
+    with open(clip, "rb") as f:
+        whole = client.audio.transcriptions.create(model="whisper-1", file=f, language="en")
+    assert done.text == whole.text and len(done.text) > 50
+
+
+def test_a_streamed_transcription_is_data_only_sse(server, clip):
+    """As OpenAI sends it: `data:` lines only, no event names, no [DONE]; a bad value of stream is a 400."""
+    with open(clip, "rb") as f:
+        response = requests.post(f"{server.url}/v1/audio/transcriptions", files={"file": f},
+                                 data={"stream": "true", "language": "en"}, headers=auth(), stream=True, timeout=600)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    payloads = [json.loads(line[len("data: "):]) for line in lines]
+    assert payloads[-1]["type"] == "transcript.text.done"
+    assert all(set(p) == {"type", "delta"} for p in payloads[:-1])
+    with open(clip, "rb") as f:
+        bad = requests.post(f"{server.url}/v1/audio/transcriptions", files={"file": f}, data={"stream": "maybe"},
+                            headers=auth(), timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"

@@ -71,18 +71,18 @@ class StreamSlots:
         with self._lock:
             self._open -= 1
 
-    def hold(self, body: Iterator[str]) -> _HeldStream:
+    def hold(self, body: Iterator[str]) -> ClosingBody:
         """Take a slot for `body`, given back when the server closes the response (or it ends)."""
         self.take()
-        return _HeldStream(self, body)
+        return ClosingBody(body, self.give_back)
 
 
-class _HeldStream:
-    """A response body that gives its slot back once, when closed or exhausted, even if never iterated (a
+class ClosingBody:
+    """A response body that calls `release` once, when closed or exhausted, even if never iterated (a
     generator's `finally` would not run then)."""
 
-    def __init__(self, slots: StreamSlots, body: Iterator[str]):
-        self._slots, self._body, self._held = slots, body, True
+    def __init__(self, body: Iterator[str], release: Callable[[], None]):
+        self._release, self._body, self._held = release, body, True
 
     def __iter__(self):
         return self
@@ -97,9 +97,11 @@ class _HeldStream:
     def close(self) -> None:
         if self._held:
             self._held = False
-            with contextlib.suppress(Exception):
-                self._body.close()
-            self._slots.give_back()
+            try:
+                with contextlib.suppress(Exception):
+                    self._body.close()
+            finally:
+                self._release()
 
 
 def job_events(manager, job_id: str, after: int, gone: Callable[[], bool] = lambda: False) -> Iterator[str]:
