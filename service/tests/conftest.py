@@ -147,7 +147,7 @@ class FakeEngine:
     def load(self) -> None:
         time.sleep(self.load_delay)
 
-    def transcribe(self, path, options, progress=None, should_stop=None) -> Transcription:
+    def transcribe(self, path, options, progress=None, should_stop=None, on_segments=None) -> Transcription:
         self.calls.append((path, options))
         assert os.path.exists(path), "the upload must exist while it is transcribed"
         self.started.set()
@@ -201,7 +201,7 @@ class ServerProcess:
             try:
                 if requests.get(self.url + "/ready", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow on a loaded machine
                 pass
             time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout}s:\n{self.logs()}")

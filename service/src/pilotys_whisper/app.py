@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -23,9 +24,11 @@ from .audio import probe, too_long
 from .auth import KeyRing, Principal
 from .engines import Engine, TranscribeOptions, build_engine
 from .errors import ApiError, http_error
+from .event_stream import ClosingBody, event_stream_response
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .grants import is_grant
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openai_stream import transcription_events
 from .openapi import served as served_openapi
 from .settings import LANGUAGES, Settings
 
@@ -378,7 +381,10 @@ def _accepts_grants(app: Flask, method: str, path: str) -> bool:
 def _openai_route(state: ServiceState, task: str):
     state.authenticate()
     state.admission.refuse_if_full()
+    stream = task == "transcribe" and _stream_requested(request.form.get("stream"))
     params = TranscriptionParams.parse(state, task=task)
+    if stream:
+        return _streamed(state, params)
     result = run_transcription(state, params)
     body, content_type = render(result, params.response_format, task, params.granularities)
     if isinstance(body, dict):
@@ -386,6 +392,35 @@ def _openai_route(state: ServiceState, task: str):
     else:
         response = Response(body, content_type=content_type)
     return response
+
+
+def _stream_requested(raw: str | None) -> bool:
+    value = (raw or "").strip().lower()
+    if value not in ("", "true", "false", "1", "0"):
+        raise ApiError(400, "invalid_stream", "stream must be true or false", param="stream")
+    return value in ("true", "1")
+
+
+def _streamed(state: ServiceState, params: TranscriptionParams) -> Response:
+    """OpenAI's streamed transcription (openai_stream.py). The admission slot is taken before the 200 (a full
+    service still answers 429) and held until the stream is closed."""
+    # The request ends (and werkzeug deletes its uploads) before the stream is read: the stream owns the upload.
+    upload = request.files["file"]
+    held, upload.stream = upload.stream, io.BytesIO()
+    try:
+        slot = state.admission.slot()
+        slot.__enter__()
+    except BaseException:
+        held.close()
+        raise
+
+    def release() -> None:
+        try:
+            slot.__exit__(None, None, None)
+        finally:
+            held.close()
+
+    return event_stream_response(ClosingBody(transcription_events(state, params), release))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ from werkzeug.datastructures import MultiDict
 from . import grants
 from .engines import Cancelled, Segment, TranscribeOptions, Transcription, Word
 from .errors import ApiError
+from .event_stream import StreamSlots, event_stream_response, job_events, last_event_id
 from .formats import RESPONSE_FORMATS, render
+from .job_events import EVENTS_SCHEMA, SEGMENT, JobEvents
 from .webhooks import DeliveryError, WebhookPolicy
 
 log = logging.getLogger("pilotys_whisper.jobs")
@@ -76,7 +78,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_webhook ON jobs (webhook_status, webhook_next_at);
-"""
+""" + EVENTS_SCHEMA
 
 
 def _iso(ts: float | None) -> str | None:
@@ -207,6 +209,8 @@ class JobManager:
             self.store = PostgresBackend(self)
         else:
             self.store = SqliteBackend(self)
+        self.events = JobEvents(self.store)  # live results: see job_events.py and event_stream.py
+        self.stream_slots = StreamSlots(settings.max_event_streams)
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ class JobManager:
         bp.add_url_rule("/v1/jobs/<job_id>", view_func=self.show, methods=["GET"])
         bp.add_url_rule("/v1/jobs/<job_id>", view_func=self.cancel, methods=["DELETE"])
         bp.add_url_rule("/v1/jobs/<job_id>/result", view_func=self.result, methods=["GET"])
+        bp.add_url_rule("/v1/jobs/<job_id>/events", view_func=self.stream_events, methods=["GET"])
         bp.add_url_rule("/v1/uploads", view_func=self.grant_upload, methods=["POST"])
         return bp
 
@@ -342,6 +347,16 @@ class JobManager:
     def show(self, job_id: str):
         return jsonify(self._view(self._owned(job_id)))
 
+    def stream_events(self, job_id: str):
+        """Server-Sent Events: the job's final segments, its progress and its outcome (event_stream.py)."""
+        self._owned(job_id)
+        after = last_event_id(request.headers.get("Last-Event-ID") or request.args.get("last_event_id"))
+        outcome = self.events.outcome_seq(job_id) if after else None
+        if outcome is not None and after >= outcome:
+            return Response(status=204)  # the client saw the outcome: 204 tells an EventSource not to reconnect
+        gone = request.environ.get("waitress.client_disconnected", lambda: False)
+        return event_stream_response(self.stream_slots.hold(job_events(self, job_id, after, gone)))
+
     def cancel(self, job_id: str):
         row = self._owned(job_id)
         if row["status"] in FINISHED:
@@ -358,6 +373,7 @@ class JobManager:
         row = self._get(job_id)
         if row["status"] == "cancelled":
             self.store.delete_audio(job_id)
+            self._publish_outcome(job_id)
         return jsonify(self._view(row)), 200 if row["status"] in FINISHED else 202
 
     def result(self, job_id: str):
@@ -493,6 +509,7 @@ class JobManager:
                         now, row["id"]))
             self.store.delete_audio(row["id"])
             self.wake.set()  # look at the next one
+            self._publish_outcome(row["id"], db=db)
             return None
         db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, progress = 0 "
                    "WHERE id = ?", (now, row["id"]))
@@ -529,11 +546,22 @@ class JobManager:
                 return False
             return row is None or bool(row["cancel_requested"]) or row["attempts"] != attempt
 
+        final: list[Segment] = []  # handed by the engine, not yet published: published in order
+
+        def on_segments(segments: list[Segment]) -> None:
+            final.extend(segments)
+            try:
+                while final:
+                    self.publish_segments(job_id, final[:1])
+                    final.pop(0)
+            except Exception:  # noqa: BLE001 - live results are best effort; the rest goes out with the outcome
+                log.warning("job %s: live segments not stored for now", job_id, exc_info=True)
+
         started = time.monotonic()
         log.info("job %s running (attempt %d)", job_id, attempt)
         try:
             with self.state.admission.slot(bounded_queue=False), self.store.audio(job_id) as path:
-                result = self.state.engine.transcribe(path, options, progress, should_stop)
+                result = self.state.engine.transcribe(path, options, progress, should_stop, on_segments=on_segments)
         except _Shutdown:
             self.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND attempts = ?", (job_id, attempt))
             log.info("job %s back in the queue: the service is stopping", job_id)
@@ -577,7 +605,34 @@ class JobManager:
             return (self._get(job_id) or {"status": status})["status"]
         self.store.delete_audio(job_id)  # audio leaves the disk as soon as the job ends
         self.wake.set()
+        self._publish_outcome(job_id, result)
         return status
+
+    # -- live results (job_events.py) ------------------------------------------------------------------------
+
+    def publish_segments(self, job_id: str, segments: list[Segment]) -> None:
+        """Publish final segments, in order, numbered as in the result: each number is stored once."""
+        for seg in segments:
+            self.events.publish(job_id, SEGMENT, seg.as_dict(), key=f"{SEGMENT}:{seg.id}")
+
+    def _publish_outcome(self, job_id: str, result: Transcription | None = None, db=None) -> None:
+        """The job's outcome event (job.succeeded, job.failed, job.cancelled), after the segments of its result
+        not published yet. Best effort: without it, a stream reads the outcome from the row."""
+        try:
+            if result is not None:
+                self.publish_segments(job_id, result.segments)
+            row = (db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if db is not None
+                   else self._get(job_id))
+            if row is not None and row["status"] in FINISHED:
+                self.events.publish(job_id, f"job.{row['status']}", self._view(row), db=db)
+        except Exception:  # noqa: BLE001 - the job's outcome is recorded already; the stream falls back to it
+            log.exception("job %s: its outcome event could not be stored", job_id)
+
+    def job_row(self, job_id: str):
+        return self._get(job_id)
+
+    def view(self, row) -> dict:
+        return self._view(row)
 
     # -- webhooks and cleanup --------------------------------------------------------------------------------
 
@@ -655,6 +710,7 @@ class JobManager:
                 "(webhook_status != 'pending' OR status NOT IN ('succeeded', 'failed'))", (time.time(),)).fetchall()]
             for job_id in expired:
                 db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                JobEvents.delete(db, job_id)
             live = {r["id"] for r in db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")}
         for path in self.spool.iterdir():
             job_id = path.name.split(".", 1)[0]

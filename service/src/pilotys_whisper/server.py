@@ -73,6 +73,9 @@ def make_server(app, settings):
         # A hard cap before the app: bodies over it are refused as soon as their length is known.
         max_request_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD,
         channel_timeout=300,
+        # Keep reading a connection while its request runs: a client that leaves an event stream is noticed at
+        # once (waitress.client_disconnected), and its stream's slot and HTTP thread come back.
+        channel_request_lookahead=1,
         connection_limit=CONNECTION_LIMIT,
         asyncore_use_poll=True,  # select() cannot watch a descriptor past 1023: poll() has no such limit
         ident="whisper-service",

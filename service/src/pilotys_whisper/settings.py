@@ -62,7 +62,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     concurrency: int = 1
     queue_size: int = 4
-    http_threads: int = 0  # 0: concurrency + queue + 4
+    http_threads: int = 0  # 0: concurrency + queue + 4 (+ event streams with the jobs API)
     cpu_threads: int = 0  # 0: all cores divided among concurrent transcriptions
     beam_size: int = 0  # 0: by device, see engines/faster.py
     batch_size: int = 0
@@ -71,6 +71,7 @@ class Settings:
     log_level: str = "INFO"
     state_dir: Path | None = None  # jobs database and spool; None disables the jobs API
     job_workers: int = 1
+    max_event_streams: int = 8  # open GET /v1/jobs/{id}/events at once; each holds an HTTP thread
     job_retention_s: int = 24 * 3600
     job_purge_interval_s: int = 60
     spool_min_free_mb: int = 256
@@ -93,7 +94,12 @@ class Settings:
 
     @property
     def effective_http_threads(self) -> int:
-        return self.http_threads or (self.concurrency + self.queue_size + 4)
+        return self.http_threads or (self.concurrency + self.queue_size + 4 + self.stream_threads)
+
+    @property
+    def stream_threads(self) -> int:
+        """HTTP threads that event streams may hold (one each, for as long as they last): only with jobs."""
+        return self.max_event_streams if self.state_dir is not None else 0
 
     @property
     def model_aliases(self) -> frozenset[str]:
@@ -154,6 +160,7 @@ class Settings:
             log_level=r.choice("WHISPER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
             state_dir=r.path("WHISPER_STATE_DIR"),
             job_workers=r.integer("WHISPER_JOB_WORKERS", 1, 1, 16),
+            max_event_streams=r.integer("WHISPER_MAX_EVENT_STREAMS", 8, 0, 1000),
             job_retention_s=r.integer("WHISPER_JOB_RETENTION_S", 24 * 3600, 1, 90 * 24 * 3600),
             job_purge_interval_s=r.integer("WHISPER_JOB_PURGE_INTERVAL_S", 60, 1, 24 * 3600),
             spool_min_free_mb=r.integer("WHISPER_SPOOL_MIN_FREE_MB", 256, 0, 10**9),
@@ -167,10 +174,12 @@ class Settings:
             webhook_backoff_s=float(r.integer("WHISPER_WEBHOOK_BACKOFF_S", 10, 1, 3600)),
         )
         r.raise_errors()
-        if settings.http_threads and settings.http_threads < settings.concurrency + settings.queue_size + 1:
+        least = settings.concurrency + settings.queue_size + 1 + settings.stream_threads
+        if settings.http_threads and settings.http_threads < least:
             raise SettingsError(
                 "WHISPER_HTTP_THREADS must be at least WHISPER_CONCURRENCY + WHISPER_QUEUE_SIZE + 1 "
-                f"({settings.concurrency + settings.queue_size + 1}) so that /health answers while the queue is full"
+                f"(+ WHISPER_MAX_EVENT_STREAMS with the jobs API): {least}, so that /health answers while the "
+                "queue is full and every event stream is open"
             )
         if not settings.auth_enabled and not _is_loopback(settings.host) and not settings.allow_unauthenticated:
             raise SettingsError(

@@ -9,6 +9,8 @@ from typing import Protocol
 
 ProgressFn = Callable[[float, float], None]  # (seconds of audio done, total seconds or 0 if unknown)
 StopFn = Callable[[], bool]
+# Segments that became final while the transcription runs, in the result's order and numbering (live results).
+SegmentsFn = Callable[[list["Segment"]], None]
 
 
 class Cancelled(Exception):
@@ -88,8 +90,11 @@ class Engine(Protocol):
         """Load the model (once, at start-up, never at import time)."""
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None) -> Transcription:
-        """Transcribe the file at `path`; raise ApiError for bad audio, Cancelled when asked to stop."""
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
+        """Transcribe the file at `path`; raise ApiError for bad audio, Cancelled when asked to stop.
+
+        `on_segments`, if given, receives every segment of the result once, in order, as soon as it is final
+        (an engine that cannot tell before the end hands them all at the end)."""
 
 
 def build_engine(settings) -> Engine:

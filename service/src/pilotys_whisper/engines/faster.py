@@ -10,6 +10,7 @@ looks wrong (repetitive or improbable) is decoded again with beam search and tem
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,17 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE, PcmStream
 from ..repetition import cut_loops, find_loops
-from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word, release_free_memory
+from . import (
+    Cancelled,
+    ProgressFn,
+    Segment,
+    SegmentsFn,
+    StopFn,
+    TranscribeOptions,
+    Transcription,
+    Word,
+    release_free_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +198,12 @@ class _Packer:
         self._alone.extend(Chunk(t) for t in earlier if t)
         self._front[:0] = last
 
+    def pending_start(self) -> float | None:
+        """Where the earliest audio handed back but not decoded yet starts (seconds); None if there is none:
+        what comes from the source next follows everything decoded so far."""
+        starts = [c.regions[0].start for c in self._alone] + [r.start for r in self._front]
+        return min(starts) / SAMPLE_RATE if starts else None
+
     def next_batch(self, size: int) -> list[Chunk]:
         alone = self._alone[:size]
         del self._alone[:size]
@@ -316,7 +333,7 @@ class FasterWhisperEngine:
     # -- one request ---------------------------------------------------------------------------------------
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None) -> Transcription:
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
         from faster_whisper.vad import VadOptions
 
         assert self._model is not None, "load() first"
@@ -333,6 +350,8 @@ class FasterWhisperEngine:
                         raise Cancelled()
                     packer.give_back(run.decode_batch(batch))
                     done = max(done, batch[-1].source_end)
+                    if on_segments is not None and (final := run.settled(packer.pending_start())):
+                        on_segments(final)
                     if progress is not None:
                         progress(done, total)
             duration = stream.seconds_read
@@ -340,7 +359,10 @@ class FasterWhisperEngine:
             release_free_memory()
         if progress is not None:
             progress(duration, duration)
-        return run.result(duration)
+        result = run.result(duration)
+        if on_segments is not None and (rest := result.segments[run.settled_count:]):
+            on_segments(rest)
+        return result
 
 
 def _is_silence(no_speech_prob: float, avg_logprob: float) -> bool:
@@ -387,6 +409,19 @@ class _Run:
         self.prompt: list[int] = []
         self.suppress: tuple[int, ...] = ()
         self.segments: list[Segment] = []
+        self.settled_count = 0  # segments already handed to on_segments, in the result's order
+
+    def settled(self, pending_start: float | None) -> list[Segment]:
+        """The segments that became final: no audio before them is left to decode, so the result will have them
+        at these places (numbered as in it). A tail decoded later lands before segments decoded meanwhile."""
+        ordered = sorted(self.segments, key=lambda seg: (seg.start, seg.end))
+        end = len(ordered)
+        if pending_start is not None:
+            end = next((i for i, seg in enumerate(ordered) if seg.start >= pending_start), end)
+        final = [dataclasses.replace(seg, id=i) for i, seg in enumerate(ordered[self.settled_count:end],
+                                                                         start=self.settled_count)]
+        self.settled_count = max(self.settled_count, end)
+        return final
 
     def _prepare(self, encoder_output) -> None:
         from faster_whisper.tokenizer import Tokenizer

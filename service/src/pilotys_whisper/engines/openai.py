@@ -12,7 +12,17 @@ import logging
 from pathlib import Path
 
 from ..audio import SAMPLE_RATE, decode_all
-from . import Cancelled, ProgressFn, Segment, StopFn, TranscribeOptions, Transcription, Word, release_free_memory
+from . import (
+    Cancelled,
+    ProgressFn,
+    Segment,
+    SegmentsFn,
+    StopFn,
+    TranscribeOptions,
+    Transcription,
+    Word,
+    release_free_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +81,7 @@ class OpenAIWhisperEngine:
         log.info("model %s loaded on %s with openai-whisper", self.settings.model_label, device)
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None) -> Transcription:
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
         assert self._model is not None, "load() first"
         audio = decode_all(path, max_seconds=options.max_duration_s)
         if should_stop is not None and should_stop():
@@ -99,5 +109,7 @@ class OpenAIWhisperEngine:
                 temperature=seg["temperature"], seek=seg["seek"], words=words))
         if progress is not None:
             progress(duration, duration)
+        if on_segments is not None and segments:
+            on_segments(segments)  # openai-whisper tells nothing before the end
         return Transcription(text=result["text"].strip(), language=result.get("language"),
                              duration=round(duration, 3), segments=segments)
