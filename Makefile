@@ -15,7 +15,7 @@ export PATH := $(BIN):$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
-	molecule test-cluster unit test demo demo-down bench bench-load
+	molecule test-cluster unit test demo demo-down bench bench-load collection
 
 help:
 	@echo "make demo       provision a local disposable host and transcribe a sample over HTTPS"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
 	@echo "make bench-load the service saturated on loopback: /health latency, 429s, errors, memory"
 	@echo "make test-cluster  a gateway, a job queue and three workers on disposable hosts (not part of make test)"
+	@echo "make collection the Ansible collection pilotys.whisper as a tarball in dist/"
 
 deps:
 	@scripts/install-host-deps
@@ -48,7 +49,8 @@ lint: venv
 	ansible-lint
 	ruff check service scripts/fetch-assets scripts/ct2_whisper.py scripts/ct2_to_openai_whisper.py scripts/ct2_to_ggml.py \
 		tests bench molecule
-	shellcheck scripts/install-host-deps scripts/demo rig/rig tests/rig/*.sh bench/run
+	shellcheck scripts/install-host-deps scripts/demo scripts/version scripts/build-collection rig/rig tests/rig/*.sh \
+		bench/run
 
 test-service: venv assets
 	cd service && python -m pytest -q
@@ -87,3 +89,6 @@ bench: venv assets
 
 bench-load: venv assets
 	bench/run --load
+
+collection: venv
+	scripts/build-collection
