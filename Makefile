@@ -15,7 +15,7 @@ export PATH := $(BIN):$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
-	molecule test-cluster unit test demo demo-down bench bench-load collection
+	molecule test-cluster test-upgrade unit test demo demo-down bench bench-load collection
 
 help:
 	@echo "make demo       provision a local disposable host and transcribe a sample over HTTPS"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench-load the service saturated on loopback: /health latency, 429s, errors, memory"
 	@echo "make test-cluster  a gateway, a job queue and three workers on disposable hosts (not part of make test)"
 	@echo "make collection the Ansible collection pilotys.whisper as a tarball in dist/"
+	@echo "make test-upgrade  the previous release, then this tree, on a disposable host (not part of make test)"
 
 deps:
 	@scripts/install-host-deps
@@ -69,6 +70,11 @@ test-container: venv assets rig
 
 molecule: venv assets rig
 	molecule test --scenario-name default
+
+# The previous release (PILOTYS_WHISPER_UPGRADE_FROM, default the tag v0.1.0), then this tree, on one host:
+# kept out of `make test` (two full converges); run it before a release.
+test-upgrade: venv assets rig
+	molecule test --scenario-name upgrade
 
 # Four disposable hosts (about 16 min): kept out of `make test` (CI time); run it when the cluster changes.
 test-cluster: venv assets rig
