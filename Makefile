@@ -17,7 +17,7 @@ export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 export DEBIAN ?= 13
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
-	molecule test-cluster unit test demo demo-down bench bench-load
+	molecule test-cluster test-upgrade unit test demo demo-down bench bench-load collection
 
 help:
 	@echo "make demo       provision a local disposable Debian 13 host and transcribe a sample over HTTPS"
@@ -27,6 +27,8 @@ help:
 	@echo "make bench      speed, memory and accuracy against the original openai-whisper server"
 	@echo "make bench-load the service saturated on loopback: /health latency, 429s, errors, memory"
 	@echo "make test-cluster  a gateway, a job queue and three workers on disposable hosts (not part of make test)"
+	@echo "make collection the Ansible collection pilotys.whisper as a tarball in dist/"
+	@echo "make test-upgrade  the previous release, then this tree, on a disposable host (not part of make test)"
 
 deps:
 	@scripts/install-host-deps
@@ -51,7 +53,8 @@ lint: venv
 	ansible-lint
 	ruff check service scripts/fetch-assets scripts/ge2e_to_onnx.py scripts/ct2_whisper.py scripts/ct2_to_openai_whisper.py scripts/ct2_to_ggml.py \
 		tests bench molecule
-	shellcheck scripts/install-host-deps scripts/demo rig/rig tests/rig/*.sh bench/run
+	shellcheck scripts/install-host-deps scripts/demo scripts/version scripts/build-collection rig/rig tests/rig/*.sh \
+		bench/run
 
 test-service: venv assets
 	cd service && python -m pytest -q
@@ -73,6 +76,11 @@ molecule: venv assets rig
 	molecule test --scenario-name default
 	molecule test --scenario-name debian12
 
+# The previous release (PILOTYS_WHISPER_UPGRADE_FROM, default the tag v0.1.0), then this tree, on one host:
+# kept out of `make test` (two full converges); run it before a release.
+test-upgrade: venv assets rig
+	molecule test --scenario-name upgrade
+
 # Four disposable hosts (about 16 min): kept out of `make test` (CI time); run it when the cluster changes.
 test-cluster: venv assets rig
 	molecule test --scenario-name cluster
@@ -92,3 +100,6 @@ bench: venv assets
 
 bench-load: venv assets
 	bench/run --load
+
+collection: venv
+	scripts/build-collection

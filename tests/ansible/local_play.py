@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -18,9 +19,10 @@ MANAGED = "Managed by Ansible (tests)"
 
 
 def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts: dict | None = None,
-             check: bool = False, tags: str | None = None) -> subprocess.CompletedProcess:
+             check: bool = False, tags: str | None = None,
+             ansible_playbook: str = ANSIBLE_PLAYBOOK) -> subprocess.CompletedProcess:
     """Run TASKS on HOSTS ({name: host vars}, one local host by default) with EXTRA_VARS, in check mode with
-    CHECK, only TAGS when given; never raises."""
+    CHECK, only TAGS when given, with the ANSIBLE_PLAYBOOK of another controller if given; never raises."""
     hosts = hosts or {"testhost": {}}
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = {"all": {"hosts": {name: {**local, **values} for name, values in hosts.items()}}}
@@ -29,7 +31,7 @@ def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts:
         [{"name": "Run under test", "hosts": "all", "gather_facts": False, "tasks": tasks}], sort_keys=False))
     (tmp_path / "vars.json").write_text(json.dumps({"ansible_managed": MANAGED, **(extra_vars or {})}))
     return subprocess.run(
-        [ANSIBLE_PLAYBOOK, "-i", str(tmp_path / "inventory.yml"), "-e", f"@{tmp_path / 'vars.json'}",
+        [ansible_playbook, "-i", str(tmp_path / "inventory.yml"), "-e", f"@{tmp_path / 'vars.json'}",
          str(tmp_path / "play.yml"), *(["--check"] if check else []), *(["--tags", tags] if tags else [])],
         check=False, capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
@@ -62,3 +64,27 @@ def recap(output: str) -> dict:
     """The PLAY RECAP of OUTPUT: {host: {"ok": n, "changed": n, "failed": n, ...}}."""
     return {host: {name: int(n) for name, n in re.findall(r"(\w+)=(\d+)", counts)}
             for host, counts in re.findall(r"^(\S+)\s+: (ok=.*)$", output, re.MULTILINE)}
+
+
+def build_service_wheel(role: str, tmp_path: Path, ansible_playbook: str = ANSIBLE_PLAYBOOK) -> Path:
+    """The service wheel as ROLE (whisper_service, or its name in a collection) builds it on the controller that
+    ANSIBLE_PLAYBOOK belongs to: its tasks_from=wheel, then the wheel copied to TMP_PATH/wheel/."""
+    built = "{{ _whisper_service_built.stdout_lines[-1] }}"
+    tasks = [
+        {"name": "Build", "ansible.builtin.include_role": {"name": role, "tasks_from": "wheel"}},
+        {"name": "Keep", "ansible.builtin.copy": {"src": built, "dest": f"{tmp_path}/wheel/", "mode": "0644"}},
+        {"name": "Clean", "ansible.builtin.file": {"path": "{{ _whisper_service_build.path }}", "state": "absent"}},
+    ]
+    done = run_play(tasks, tmp_path, ansible_playbook=ansible_playbook)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wheels = list((tmp_path / "wheel").glob("*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def wheel_version(wheel: Path) -> str:
+    """The Version: of WHEEL's METADATA."""
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(name).decode()
+    return re.search(r"^Version: (\S+)$", metadata, re.MULTILINE).group(1)

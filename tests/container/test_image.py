@@ -19,6 +19,7 @@ RIG_DIR = Path(os.environ.get("RIG_DIR", "/var/lib/pilotys-rig"))
 BASE = "localhost/pilotys-base:trixie"
 IMAGE = "localhost/pilotys-whisper:test"
 KEY = "container-test-key-0123456789"
+VERSION = subprocess.run([ROOT / "scripts" / "version"], capture_output=True, text=True, check=True).stdout.strip()
 os.environ.setdefault("CONTAINERS_CONF", str(Path(__file__).with_name("containers.conf")))
 
 
@@ -33,6 +34,7 @@ def build(context: Path, model_source: str, tag: str) -> float:
     started = time.monotonic()
     podman("build", "--format", "docker", "--file", str(context / "Containerfile"),
            "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", f"MODEL_SOURCE={model_source}",
+           "--build-arg", f"VERSION={VERSION}",
            "--tag", tag, str(context), timeout=1800)
     return time.monotonic() - started
 
@@ -126,6 +128,8 @@ def test_health_and_config(container):
     body = requests.get(container.url + "/health", timeout=5).json()
     assert body["status"] == "ok" and body["model"] == "whisper-base" and body["ready"]
     image = json.loads(podman("image", "inspect", IMAGE).stdout)[0]
+    # One version everywhere: the label, the installed wheel's metadata (what /health serves) and the source.
+    assert image["Labels"]["org.opencontainers.image.version"] == VERSION == body["version"]
     assert image["Healthcheck"]["Test"][:2] == ["CMD", "python3"]
     assert image["Config"]["User"] == "whisper"
     # Run the health check as the runtime would.
