@@ -183,6 +183,31 @@ def test_deferred_length_timeslices_as_a_browser_records(server, container, lect
     assert_no_leftovers(server)
 
 
+def test_transcribed_as_it_arrives_so_that_only_the_tail_remains(server, lecture_webm):
+    """While the meeting goes on, the engine works through what arrived (HEAD says how far: seconds of audio,
+    counted, not timed); the final result is still the whole recording."""
+    pieces = cuts(lecture_webm, seed=3)
+    *body, tail = pieces
+    r = create(server, headers={"Upload-Defer-Length": "1"}, data=body[0])
+    location, job_id, offset = r.headers["Location"], r.headers["Whisper-Job-Id"], len(body[0])
+    for piece in body[1:]:
+        assert patch(server, location, offset, piece).status_code == 204
+        offset += len(piece)
+    deadline = time.monotonic() + 300
+    while float(head(server, location).headers.get("Whisper-Transcribed-S", "0")) < 25:
+        assert time.monotonic() < deadline, server.logs()[-3000:]
+        assert job(server, job_id)["status"] == "receiving"
+        time.sleep(0.5)
+    r = patch(server, location, offset, tail, headers={"Upload-Length": str(len(lecture_webm))})
+    assert r.status_code == 204, r.text
+    state = wait_finished(server, job_id)
+    assert state["status"] == "succeeded", state
+    assert state["attempts"] == 1
+    assert wer(reference("lecture_en_60s"), transcript(server, job_id)) <= LECTURE_WER
+    assert f"complete with {len(lecture_webm)} bytes: job {job_id} transcribes its tail" in server.logs()
+    assert_no_leftovers(server)
+
+
 def test_cors_preflight_allows_the_tus_methods_and_headers(server):
     r = requests.options(f"{server.url}/v1/live/up_x", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "PATCH",
@@ -276,7 +301,7 @@ def test_a_live_upload_grant_creates_and_feeds_only_its_upload(server, lecture_w
     grant = {"Authorization": "Bearer " + r.json()["token"]}
     one_shot = requests.post(f"{server.url}/v1/uploads", headers=AUTH, json={"language": "en"}, timeout=10).json()
     refused = create(server, headers={"Upload-Defer-Length": "1", "Authorization": "Bearer " + one_shot["token"]})
-    assert refused.status_code == 403, refused.text
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "upload_grant_not_accepted"
     r = create(server, headers={"Upload-Defer-Length": "1", **grant}, data=lecture_webm[:5000])
     assert r.status_code == 201, r.text
     location = r.headers["Location"]
@@ -288,6 +313,7 @@ def test_a_live_upload_grant_creates_and_feeds_only_its_upload(server, lecture_w
     assert patch(server, location, 5000, lecture_webm[5000:9000], auth=grant).status_code == 204
     other = requests.post(f"{server.url}/v1/uploads", headers=AUTH, json={"live": True}, timeout=10).json()
     assert head(server, location, auth={"Authorization": "Bearer " + other["token"]}).status_code == 404
+    assert head(server, location, auth={"Authorization": "Bearer " + one_shot["token"]}).status_code == 403
     assert requests.delete(server.url + location, headers={**grant, **TUS}, timeout=10).status_code == 204
 
 
@@ -326,6 +352,9 @@ def test_kill_9_mid_upload_resumes_at_the_acknowledged_offset(model_dir, tmp_pat
         assert state["status"] == "succeeded", state
         assert wer(reference("lecture_en_60s"), transcript(second, job_id)) <= LECTURE_WER
         assert list(audio_file.parent.iterdir()) == []
+        # Transcribed as it arrived again after the restart, from the start of the file: one attempt.
+        assert second.logs().count("transcribing as it arrives") == 1 and "failed" not in second.logs()
+        assert state["attempts"] == 1
     finally:
         assert second.stop() == 0
 

@@ -14,6 +14,12 @@ so the client that resumes at the offset HEAD answers sends them again, with no 
 An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
 job ends normally); DELETE cancels the job and deletes the audio.
 
+Transcribed as it arrives: once the first data is known to be audio, a thread runs the engine on the growing
+file (GrowingFile: it reads only acknowledged bytes and waits for more until the upload is complete), so the
+engine's own pipeline (decode, VAD, 30 s chunks) transcribes each stretch as soon as VAD closes it and only the
+tail remains when the upload ends. That thread holds one transcription slot while the meeting lasts. If it
+fails, or after a restart before it is back, the job falls back to the ordinary worker on the whole file.
+
 One host (the SQLite backend): an upload lives on the worker that created it. The PostgreSQL backend answers 501.
 """
 
@@ -36,7 +42,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 
 from . import audio, grants
-from .engines import TranscribeOptions
+from .engines import Cancelled, TranscribeOptions
 from .errors import ApiError
 
 log = logging.getLogger("pilotys_whisper.live")
@@ -59,7 +65,7 @@ REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Me
                    "Upload-Checksum", "Upload-Concat")
 RESPONSE_HEADERS = ("Location", "Upload-Offset", "Upload-Length", "Upload-Defer-Length", "Upload-Expires",
                     "Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm",
-                    "Whisper-Job-Id")
+                    "Whisper-Job-Id", "Whisper-Transcribed-S")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS live_uploads (
     id TEXT PRIMARY KEY,
@@ -111,6 +117,50 @@ def _integer(name: str, low: int = 0) -> int | None:
     return int(raw)
 
 
+class _Stopping(Exception):
+    """The service is stopping: the live transcription ends here and starts again from the file at start-up."""
+
+
+class GrowingFile:
+    """The upload's file as the engine reads it: acknowledged bytes only; at their end, wait for more until the
+    upload is complete (then end of file). Not seekable, as a pipe: a streaming demuxer reads it in order."""
+
+    def __init__(self, live: LiveUploads, upload_id: str, path):
+        self.live, self.upload_id = live, upload_id
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close(), after the engine is done
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        live = self.live
+        while True:
+            with live._cond:
+                available, finished = live._progress[self.upload_id]
+                if self._pos >= available and not finished:
+                    if live.manager.stopping.is_set():
+                        raise _Stopping()
+                    if self.upload_id in live._cancelled:
+                        raise Cancelled()
+                    live._cond.wait(2.0)
+                    available, finished = live._progress[self.upload_id]
+            if self._pos < available:
+                break
+            if finished:
+                return b""
+            # A while without data: ask the job (a cancel through DELETE /v1/jobs reaches only the database).
+            job = live.manager._one("SELECT status, cancel_requested FROM jobs WHERE id = "
+                                    "(SELECT job_id FROM live_uploads WHERE id = ?)", (self.upload_id,))
+            if job is None or job["cancel_requested"] or job["status"] != "receiving":
+                raise Cancelled()
+        want = available - self._pos if size is None or size < 0 else min(size, available - self._pos)
+        self._file.seek(self._pos)
+        data = self._file.read(want)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class LiveUploads:
     def __init__(self, manager):
         self.manager = manager
@@ -119,6 +169,14 @@ class LiveUploads:
         self.available = not manager.store.shared
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Live transcription: per upload, (acknowledged bytes, complete?) for its GrowingFile; the uploads a thread
+        # transcribes now; those whose job was cancelled meanwhile. All under _cond.
+        self._cond = threading.Condition()
+        self._progress: dict[str, tuple[int, bool]] = {}
+        self._transcribing: set[str] = set()
+        self._cancelled: set[str] = set()
+        self.incremental = self.settings.live_incremental
+        self.transcribed_s: dict[str, float] = {}  # seconds of audio transcribed so far, per live upload
         if self.available:
             self.manager.store._conn().executescript(SCHEMA)
 
@@ -127,6 +185,11 @@ class LiveUploads:
     def start(self) -> None:
         if self.available:
             self.manager.spawn(self._housekeeping, "live-housekeeping")
+            # Uploads whose live transcription the last stop (or crash) cut off start again from the file.
+            for row in self.manager.store.query(
+                    "SELECT u.* FROM live_uploads u JOIN jobs j ON j.id = u.job_id "
+                    "WHERE j.status = 'receiving' AND u.probed = 1"):
+                self._start_transcribing(row)
 
     def _housekeeping(self) -> None:
         interval = min(5.0, max(self.settings.live_idle_timeout_s / 4, 0.2))
@@ -195,9 +258,7 @@ class LiveUploads:
         if grants.is_grant(authorization):
             grant = grants.verify(self.state.keyring, authorization)
             if not grant.live:
-                raise ApiError(403, "upload_grant_not_accepted",
-                               "this upload grant creates a job with POST /v1/jobs; ask for one with live=true",
-                               headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
+                raise _one_shot_grant()
             g.principal = principal = grant.principal
             idempotency_key = grant_key = grant.idempotency_key
             fields = MultiDict(grant.fields)
@@ -315,6 +376,10 @@ class LiveUploads:
                     "cancel_requested = 1 WHERE id = ?",
                     (now, now + self.settings.job_retention_s, upload["job_id"]))
                 db.execute("DELETE FROM live_uploads WHERE id = ?", (upload_id,))
+            with self._cond:
+                if upload_id in self._transcribing:
+                    self._cancelled.add(upload_id)
+                    self._cond.notify_all()
             job = self.manager._get(upload["job_id"])
             if job is not None and job["status"] == "cancelled":
                 self.manager.store.delete_audio(upload["job_id"])
@@ -330,7 +395,7 @@ class LiveUploads:
         job = self.manager._get(upload["job_id"])
         if job is None or job["status"] == "cancelled":
             raise ApiError(410, "upload_cancelled", "this upload's job was cancelled: its audio is deleted")
-        if upload["state"] != "receiving":
+        if upload["state"] != "receiving" or job["status"] != "receiving":
             raise ApiError(403, "upload_finished",
                            f"this upload is complete ({upload['received']} bytes): its job is {job['status']}")
         if offset != upload["received"]:
@@ -362,7 +427,11 @@ class LiveUploads:
         path = self._path(upload["job_id"])
         written = 0
         digest = checksum[0]() if checksum else None
-        with open(path, "r+b") as f:
+        try:
+            f = open(path, "r+b")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # the job ended meanwhile (its live transcription failed) and its audio went
+            raise ApiError(403, "upload_finished", "this upload's job has ended: it takes no more data") from None
+        with f:
             f.truncate(offset)  # what a crash left past the acknowledged offset is not part of the upload
             f.seek(offset)
             while chunk := request.stream.read(READ_BYTES):
@@ -390,9 +459,14 @@ class LiveUploads:
             (received, length, time.time(), upload["id"]))
         self.manager.store.execute("UPDATE jobs SET size = ? WHERE id = ?", (received, upload["job_id"]))
         upload = self._row(upload["id"])
+        with self._cond:
+            if upload["id"] in self._progress:
+                self._progress[upload["id"]] = (received, False)
+                self._cond.notify_all()
         complete = length is not None and received >= length
         if not upload["probed"] and (received >= PROBE_BYTES or (complete and received)):
             self._probe(upload)
+            self._start_transcribing(self._row(upload["id"]))
         if complete:
             self._finalize(upload)
             upload = self._row(upload["id"])
@@ -409,18 +483,112 @@ class LiveUploads:
         self.manager.store.execute("UPDATE live_uploads SET probed = 1 WHERE id = ?", (upload["id"],))
 
     def _finalize(self, upload) -> None:
-        """The upload has all it will get: its job is queued with what was received."""
+        """The upload has all it will get: its live transcription ends with the tail, or (without one) its job is
+        queued with what was received."""
         if not upload["received"]:
             self._fail(upload, "no_audio", "the live upload ended before any audio was received")
             return
-        with self.manager.store.transaction() as db:
-            db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?",
-                       (time.time(), upload["id"]))
-            db.execute("UPDATE jobs SET status = 'queued', size = ? WHERE id = ? AND status = 'receiving'",
-                       (upload["received"], upload["job_id"]))
+        with self._cond:
+            live = upload["id"] in self._transcribing
+            with self.manager.store.transaction() as db:
+                db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?",
+                           (time.time(), upload["id"]))
+                if not live:
+                    db.execute("UPDATE jobs SET status = 'queued', size = ? WHERE id = ? AND status = 'receiving'",
+                               (upload["received"], upload["job_id"]))
+            if live:
+                self._progress[upload["id"]] = (upload["received"], True)
+                self._cond.notify_all()
+        if not live:
+            self.manager.wake.set()
+        log.info("live upload %s complete with %d bytes: job %s %s", upload["id"], upload["received"],
+                 upload["job_id"], "transcribes its tail" if live else "queued")
+
+    # -- live transcription ------------------------------------------------------------------------------
+
+    def _start_transcribing(self, upload) -> None:
+        if not self.incremental:
+            return
+        with self._cond:
+            if upload["id"] in self._transcribing:
+                return
+            self._transcribing.add(upload["id"])
+            self._progress[upload["id"]] = (upload["received"], upload["state"] != "receiving")
+        self.manager.spawn(lambda: self._transcribe(upload["id"], upload["job_id"]), f"live-{upload['id'][3:11]}")
+
+    def _transcribe(self, upload_id: str, job_id: str) -> None:
+        """The engine on the growing file; at its end the job succeeds (or fails) as a worker's would."""
+        manager = self.manager
+        job = manager._get(job_id)
+        options = TranscribeOptions(**json.loads(job["options"]), max_duration_s=self.settings.max_duration_s)
+        last = {"checked": time.monotonic()}
+
+        def should_stop() -> bool:
+            if manager.stopping.is_set():
+                raise _Stopping()
+            if time.monotonic() - last["checked"] >= 1.0:
+                last["checked"] = time.monotonic()
+                row = manager._one("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,))
+                if row is None or row["cancel_requested"] or row["status"] != "receiving":
+                    with self._cond:
+                        self._cancelled.add(upload_id)
+                    return True
+            return False
+
+        def progress(done: float, total: float) -> None:
+            self.transcribed_s[upload_id] = done
+
+        outcome, result, error, source = None, None, None, None
+        log.info("live upload %s: transcribing as it arrives", upload_id)
+        try:
+            source = GrowingFile(self, upload_id, self._path(job_id))
+            while not self.state.ready.wait(1.0):  # after a restart, the model may still be loading
+                if manager.stopping.is_set():
+                    raise _Stopping()
+            with self.state.admission.slot(bounded_queue=False):
+                result = self.state.engine.transcribe(source, options, progress, should_stop)
+            outcome = "succeeded"
+        except (_Stopping, Cancelled):
+            outcome = None  # stopping: again at start-up; cancelled: the job already says so
+        except ApiError as exc:
+            outcome, error = "failed", (exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - the ordinary worker takes the job over
+            log.exception("live upload %s: live transcription failed; the whole file is transcribed at the end",
+                          upload_id)
+        finally:
+            if source is not None:
+                source.close()
+        with self._cond:
+            self._transcribing.discard(upload_id)
+            self._cancelled.discard(upload_id)
+            finished = self._progress.pop(upload_id, (0, False))[1]
+            if outcome == "succeeded" and not finished:
+                # The decoder stopped before the data did: what follows is not audio it can read.
+                outcome, result = "failed", None
+                error = ("undecodable_audio", f"the live upload could not be decoded past "
+                         f"{self.transcribed_s.get(upload_id, 0.0):.0f} s of audio; what came after is not audio")
+                manager.store.execute("UPDATE live_uploads SET state = 'finished' WHERE id = ?", (upload_id,))
+        self.transcribed_s.pop(upload_id, None)
+        if outcome is None:
+            if finished and not manager.stopping.is_set():
+                self._queue(job_id)  # the upload is complete: let the worker have it
+            return
+        now = time.time()
+        with manager.store.transaction() as db:
+            attempt = None
+            if db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 "
+                          "WHERE id = ? AND status = 'receiving'", (now, job_id)).rowcount:
+                attempt = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()["attempts"]
+        if attempt is None:
+            return
+        status = manager._finish(job_id, attempt, outcome, result=result, error=error)
+        if result is not None:
+            self.state.metrics.observe_transcription(result.duration, time.time() - now)
+        log.info("live upload %s: job %s %s", upload_id, job_id, status)
+
+    def _queue(self, job_id: str) -> None:
+        self.manager.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'receiving'", (job_id,))
         self.manager.wake.set()
-        log.info("live upload %s complete: job %s queued with %d bytes", upload["id"], upload["job_id"],
-                 upload["received"])
 
     def _fail(self, upload, code: str, message: str) -> None:
         now = time.time()
@@ -464,8 +632,10 @@ class LiveUploads:
         if grants.is_grant(authorization):
             grant = grants.verify(self.state.keyring, authorization)
             g.principal = grant.principal
-            if upload is None or not grant.live or upload["owner"] != grant.principal.owner \
-                    or upload["grant_key"] != grant.idempotency_key:
+            if not grant.live:
+                raise _one_shot_grant()
+            if upload is None or (upload["owner"], upload["grant_key"]) != (grant.principal.owner,
+                                                                           grant.idempotency_key):
                 raise _not_found()
             return upload
         principal = self.state.authenticate()
@@ -482,6 +652,8 @@ class LiveUploads:
 
     def _upload_headers(self, upload) -> dict[str, str]:
         headers = {"Upload-Offset": str(upload["received"]), "Whisper-Job-Id": upload["job_id"]}
+        if upload["id"] in self.transcribed_s:  # how far the live transcription has gone, in seconds of audio
+            headers["Whisper-Transcribed-S"] = f"{self.transcribed_s[upload['id']]:.1f}"
         if upload["length"] is not None:
             headers["Upload-Length"] = str(upload["length"])
         else:
@@ -512,6 +684,12 @@ class LiveUploads:
 
 class _Replay(Exception):
     """A concurrent creation with the same idempotency key committed first."""
+
+
+def _one_shot_grant() -> ApiError:
+    return ApiError(403, "upload_grant_not_accepted",
+                    "this upload grant creates a job with POST /v1/jobs; ask for one with live=true",
+                    headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
 
 
 def _not_found() -> ApiError:
