@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -108,11 +109,20 @@ def parse_metadata(header: str | None) -> dict[str, str]:
     return out
 
 
+def _metadata() -> dict[str, str]:
+    metadata = parse_metadata(request.headers.get("Upload-Metadata"))
+    unknown = sorted(set(metadata) - set(METADATA_FIELDS) - set(METADATA_IGNORED))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown Upload-Metadata key(s) {', '.join(unknown)}; a live upload "
+                       f"takes {', '.join(METADATA_FIELDS)}", param=unknown[0])
+    return metadata
+
+
 def _integer(name: str, low: int = 0) -> int | None:
     raw = request.headers.get(name)
     if raw is None:
         return None
-    if not raw.strip().isdigit() or int(raw) < low:
+    if not re.fullmatch(r"[0-9]{1,19}", raw.strip()) or int(raw) < low:
         raise ApiError(400, "invalid_" + name.lower().replace("-", "_"), f"{name} must be a whole number of bytes")
     return int(raw)
 
@@ -249,11 +259,6 @@ class LiveUploads:
 
         self._check_request()
         authorization = request.headers.get("Authorization")
-        metadata = parse_metadata(request.headers.get("Upload-Metadata"))
-        unknown = sorted(set(metadata) - set(METADATA_FIELDS) - set(METADATA_IGNORED))
-        if unknown:
-            raise ApiError(400, "unknown_field", f"unknown Upload-Metadata key(s) {', '.join(unknown)}; a live upload "
-                           f"takes {', '.join(METADATA_FIELDS)}", param=unknown[0])
         grant_key = None
         if grants.is_grant(authorization):
             grant = grants.verify(self.state.keyring, authorization)
@@ -261,9 +266,10 @@ class LiveUploads:
                 raise _one_shot_grant()
             g.principal = principal = grant.principal
             idempotency_key = grant_key = grant.idempotency_key
-            fields = MultiDict(grant.fields)
+            fields, metadata = MultiDict(grant.fields), _metadata()
         else:
             principal = self.state.authenticate()
+            metadata = _metadata()
             idempotency_key = self.manager._idempotency_key(
                 metadata.pop("idempotency_key", None) or request.headers.get("Idempotency-Key"), param=None)
             fields = MultiDict({k: v for k, v in metadata.items() if k in METADATA_FIELDS})
@@ -320,6 +326,9 @@ class LiveUploads:
         log.info("live upload %s created for job %s (%s)", upload_id, job_id,
                  f"{length} bytes" if length is not None else "length deferred")
         upload = self._row(upload_id)
+        if length == 0:  # complete at creation, with nothing in it
+            self._finalize(upload)
+            upload = self._row(upload_id)
         status = 201
         error = None
         if request.mimetype == CHUNK_CONTENT_TYPE and (request.content_length or request.headers.get(
@@ -348,12 +357,12 @@ class LiveUploads:
 
     def append(self, upload_id: str):
         self._check_request()
+        self._owned(upload_id)
         if request.mimetype != CHUNK_CONTENT_TYPE:
             raise ApiError(415, "unsupported_media_type", f"a PATCH carries Content-Type: {CHUNK_CONTENT_TYPE}")
         offset = _integer("Upload-Offset")
         if offset is None:
             raise ApiError(400, "missing_upload_offset", "send the offset the data starts at as Upload-Offset")
-        upload = self._owned(upload_id)
         with self._lock(upload_id):
             upload = self._append(self._row(upload_id), offset)
         response = Response(status=204)
@@ -520,7 +529,8 @@ class LiveUploads:
         """The engine on the growing file; at its end the job succeeds (or fails) as a worker's would."""
         manager = self.manager
         job = manager._get(job_id)
-        options = TranscribeOptions(**json.loads(job["options"]), max_duration_s=self.settings.max_duration_s)
+        options = TranscribeOptions(**{**json.loads(job["options"]), "live": True},
+                                    max_duration_s=self.settings.max_duration_s)
         last = {"checked": time.monotonic()}
 
         def should_stop() -> bool:
