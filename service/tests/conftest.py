@@ -201,7 +201,7 @@ class ServerProcess:
             try:
                 if requests.get(self.url + "/ready", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a loaded machine
                 pass
             time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout}s:\n{self.logs()}")

@@ -209,7 +209,7 @@ def transcribe_as_it_arrives(server, lecture_webm):
         time.sleep(0.5)
     r = patch(server, location, offset, tail, headers={"Upload-Length": str(len(lecture_webm))})
     assert r.status_code == 204, r.text
-    state = wait_finished(server, job_id)
+    state = wait_finished(server, job_id, timeout=900)  # the tail: up to 30 s of speech and its neighbours
     assert state["status"] == "succeeded", state
     assert state["attempts"] == 1
     assert wer(reference("lecture_en_60s"), transcript(server, job_id)) <= LECTURE_WER

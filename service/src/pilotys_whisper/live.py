@@ -14,11 +14,12 @@ so the client that resumes at the offset HEAD answers sends them again, with no 
 An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
 job ends normally); DELETE cancels the job and deletes the audio.
 
-Transcribed as it arrives: once the first data is known to be audio, a thread runs the engine on the growing
-file (GrowingFile: it reads only acknowledged bytes and waits for more until the upload is complete), so the
-engine's own pipeline (decode, VAD, 30 s chunks) transcribes each stretch as soon as VAD closes it and only the
-tail remains when the upload ends. That thread holds one transcription slot while the meeting lasts. If it
-fails, or after a restart before it is back, the job falls back to the ordinary worker on the whole file.
+Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, off by default: one test run on a machine at load 21 saw the
+service abort while it ran, not understood yet): once the first data is known to be audio, a thread runs the
+engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until the upload
+is complete), so the engine's own pipeline (decode, VAD, 30 s chunks) transcribes each stretch as soon as VAD
+closes it and only the tail remains when the upload ends. That thread holds one transcription slot while the
+meeting lasts. If it fails, the job falls back to the ordinary worker on the whole file.
 
 One host (the SQLite backend): an upload lives on the worker that created it. The PostgreSQL backend answers 501.
 """
