@@ -94,7 +94,7 @@ def job(server, job_id) -> dict:
     return requests.get(f"{server.url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).json()
 
 
-def wait_finished(server, job_id, timeout=240) -> dict:
+def wait_finished(server, job_id, timeout=600) -> dict:
     deadline = time.monotonic() + timeout
     while (state := job(server, job_id))["status"] not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, (state, server.logs()[-3000:])
