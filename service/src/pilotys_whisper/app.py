@@ -27,6 +27,8 @@ from .errors import ApiError, http_error
 from .event_stream import ClosingBody, event_stream_response
 from .formats import RESPONSE_FORMATS, render, to_legacy
 from .grants import is_grant
+from .live import REQUEST_HEADERS as TUS_REQUEST_HEADERS
+from .live import RESPONSE_HEADERS as TUS_RESPONSE_HEADERS
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openai_stream import transcription_events
 from .openapi import served as served_openapi
@@ -42,7 +44,7 @@ GRANULARITIES = ("segment", "word")
 # What a proxy asks before it sends a request's body (Caddy's forward_auth): see auth_check.
 AUTH_CHECK = "/v1/auth/check"
 # The views that verify an upload grant themselves (jobs.py): a grant is refused everywhere else.
-GRANT_ENDPOINTS = frozenset({"jobs.submit"})
+GRANT_ENDPOINTS = frozenset({"jobs.submit", "live.create", "live.status", "live.append", "live.terminate"})
 # Methods counted by name in the metrics; any other becomes "other": a client (no key needed) must not be able
 # to create new, permanent series with made-up methods.
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -117,7 +119,8 @@ class ServiceState:
             # insufficient_scope (RFC 6750 section 3.1), not 401, which would tell the client to authenticate.
             grants.verify(self.keyring, request.headers["Authorization"])
             raise ApiError(403, "upload_grant_not_accepted",
-                           "an upload grant only creates a job (POST /v1/jobs); use the API key here",
+                           "an upload grant only creates a job (POST /v1/jobs, or /v1/live and its upload); "
+                           "use the API key here",
                            headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
         principal = self.keyring.authenticate(request.headers.get("Authorization"))
         if principal is None:
@@ -159,13 +162,17 @@ def create_app(settings: Settings, engine: Engine | None = None, *, load_model: 
     app.extensions["whisper"] = state
     if settings.state_dir is not None:
         from .jobs import JobManager
+        from .live import LiveUploads
 
         state.jobs = JobManager(state)
+        live = LiveUploads(state.jobs)
         app.register_blueprint(state.jobs.blueprint())
+        app.register_blueprint(live.blueprint())
     if load_model:
         state.start_loading(on_load_error)
         if state.jobs is not None:
             state.jobs.start()
+            live.start()
 
     _install_request_hooks(app, state)
     _install_error_handlers(app)
@@ -226,11 +233,13 @@ def cors_headers(origin: str, allowed: tuple[str, ...], *, preflight: bool) -> d
     else:
         return {}
     if preflight:
-        headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-        headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
+        # HEAD, PATCH and the tus headers: a browser's resumable upload (live.py).
+        headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = ("Authorization, Content-Type, Idempotency-Key, X-Request-ID, "
+                                                   + ", ".join(TUS_REQUEST_HEADERS))
         headers["Access-Control-Max-Age"] = "600"
     else:
-        headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, Location"
+        headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, " + ", ".join(TUS_RESPONSE_HEADERS)
     return headers
 
 

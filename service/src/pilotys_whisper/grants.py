@@ -40,6 +40,7 @@ class Grant:
     idempotency_key: str
     fields: dict[str, str | list[str]]
     expires_at: int
+    live: bool = False  # for a live upload (POST /v1/live, live.py), not a one-shot job
 
 
 def is_grant(authorization: str | None) -> bool:
@@ -65,15 +66,17 @@ def _signature(secret: bytes, signed: str) -> bytes:
 
 
 def issue(keyring: KeyRing, principal: Principal, fields: dict[str, str | list[str]], *,
-          idempotency_key: str | None, ttl_s: int) -> tuple[str, Grant]:
+          idempotency_key: str | None, ttl_s: int, live: bool = False) -> tuple[str, Grant]:
     """A token for `principal` (authenticated with its key just before) to create one job."""
     entry = keyring.entry_for(principal.kid)
     if entry is None:  # the key was removed between authentication and now
         raise ApiError(401, "invalid_api_key", "the API key is not valid")
     secret = entry.grant_secret
     grant = Grant(principal=principal, idempotency_key=idempotency_key or "grant-" + secrets.token_urlsafe(16),
-                  fields=fields, expires_at=int(time.time()) + ttl_s)
+                  fields=fields, expires_at=int(time.time()) + ttl_s, live=live)
     claims = {"kid": entry.principal.kid, "idem": grant.idempotency_key, "exp": grant.expires_at, "fields": fields}
+    if live:
+        claims["live"] = True
     signed = PREFIX + _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     return f"{signed}.{_b64(_signature(secret, signed))}", grant
 
@@ -88,6 +91,7 @@ def verify(keyring: KeyRing, authorization: str) -> Grant:
         claims = json.loads(_unb64(signed[len(PREFIX):]))
         kid, expires_at = str(claims["kid"]), int(claims["exp"])
         idempotency_key, fields = str(claims["idem"]), dict(claims["fields"])
+        live = claims.get("live", False) is True
         given = _unb64(signature)
     # The signature is not checked yet: any claims end as this 401, "exp": 1e400 (OverflowError) and arrays nested
     # past the JSON parser's limit (RecursionError) included, not as a 500.
@@ -100,15 +104,16 @@ def verify(keyring: KeyRing, authorization: str) -> Grant:
     if expires_at < time.time():
         raise ApiError(401, "upload_grant_expired", "the upload grant has expired; ask for a new one",
                        headers={"WWW-Authenticate": 'Bearer realm="whisper", error="invalid_token"'})
-    return Grant(principal=entry.principal, idempotency_key=idempotency_key, fields=fields, expires_at=expires_at)
+    return Grant(principal=entry.principal, idempotency_key=idempotency_key, fields=fields, expires_at=expires_at,
+                 live=live)
 
 
 def requested_fields(body: dict) -> dict[str, str | list[str]]:
     """The job options asked for in POST /v1/uploads, in the form POST /v1/jobs takes them."""
-    unknown = sorted(set(body) - set(FIELDS) - {"timestamp_granularities", "idempotency_key", "expires_in"})
+    unknown = sorted(set(body) - set(FIELDS) - {"timestamp_granularities", "idempotency_key", "expires_in", "live"})
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(unknown)}; an upload grant takes "
-                       f"{', '.join(FIELDS)}, idempotency_key and expires_in", param=unknown[0])
+                       f"{', '.join(FIELDS)}, idempotency_key, expires_in and live", param=unknown[0])
     fields: dict[str, str | list[str]] = {}
     for name in FIELDS:
         value = body.get(name if name != "timestamp_granularities[]" else "timestamp_granularities",

@@ -40,7 +40,8 @@ from .webhooks import DeliveryError, WebhookPolicy
 
 log = logging.getLogger("pilotys_whisper.jobs")
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+# receiving: a live upload (live.py) whose audio is still arriving
+STATUSES = ("receiving", "queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 MAX_ATTEMPTS = 3  # a job that keeps killing the process is failed rather than retried forever
 PROGRESS_EVERY_S = 1.0
@@ -270,9 +271,11 @@ class JobManager:
         if fields.get("callback_url"):
             self._check_callback(principal, str(fields["callback_url"]))
         idempotency_key = self._idempotency_key(body.get("idempotency_key"), param="idempotency_key")
+        live = body.get("live") in (True, "true", "1")
         token, grant = grants.issue(self.state.keyring, principal, fields, idempotency_key=idempotency_key,
-                                    ttl_s=grants.ttl(body))
-        return jsonify(object="upload_grant", token=token, upload_url="/v1/jobs", method="POST",
+                                    ttl_s=grants.ttl(body), live=live)
+        return jsonify(object="upload_grant", token=token, upload_url="/v1/live" if live else "/v1/jobs",
+                       method="POST", live=live,
                        expires_at=_iso(grant.expires_at), idempotency_key=grant.idempotency_key), 201
 
     def submit(self):
@@ -282,6 +285,10 @@ class JobManager:
         if grants.is_grant(authorization):
             # A browser with an upload grant: the options and the idempotency key are the grant's, not the form's.
             grant = grants.verify(self.state.keyring, authorization)
+            if grant.live:
+                raise ApiError(403, "upload_grant_not_accepted",
+                               "this upload grant is for a live upload (POST /v1/live)",
+                               headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
             g.principal = principal = grant.principal
             idempotency_key, fields = grant.idempotency_key, MultiDict(grant.fields)
         else:
@@ -362,12 +369,14 @@ class JobManager:
         if row["status"] in FINISHED:
             raise ApiError(409, "job_finished", f"the job is already {row['status']}")
         now = time.time()
-        # A queued job is cancelled at once; a running one by its worker (on any host) at its next chunk.
-        # A cancelled job sends no webhook (as in _finish): a 'pending' one would never be sent nor purged.
-        self.store.execute("UPDATE jobs SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, "
-                           "finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END, "
-                           "expires_at = CASE WHEN status = 'queued' THEN ? ELSE expires_at END, "
-                           "webhook_status = CASE WHEN status = 'queued' AND webhook_status = 'pending' "
+        # A queued job (or a live one still receiving) is cancelled at once; a running one by its worker (on any
+        # host) at its next chunk. A cancelled job sends no webhook (as in _finish): a 'pending' one would never be
+        # sent nor purged.
+        waiting = "status IN ('queued', 'receiving')"
+        self.store.execute(f"UPDATE jobs SET status = CASE WHEN {waiting} THEN 'cancelled' ELSE status END, "  # noqa: S608
+                           f"finished_at = CASE WHEN {waiting} THEN ? ELSE finished_at END, "
+                           f"expires_at = CASE WHEN {waiting} THEN ? ELSE expires_at END, "
+                           f"webhook_status = CASE WHEN {waiting} AND webhook_status = 'pending' "
                            "THEN 'skipped' ELSE webhook_status END, "
                            "cancel_requested = 1 WHERE id = ?", (now, now + self.settings.job_retention_s, job_id))
         row = self._get(job_id)
@@ -711,7 +720,8 @@ class JobManager:
             for job_id in expired:
                 db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                 JobEvents.delete(db, job_id)
-            live = {r["id"] for r in db.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")}
+            live = {r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE status IN ('receiving', 'queued', 'running')")}
         for path in self.spool.iterdir():
             job_id = path.name.split(".", 1)[0]
             if job_id not in live and time.time() - path.stat().st_mtime > 60:

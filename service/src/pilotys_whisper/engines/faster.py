@@ -41,6 +41,7 @@ CHUNK_S = 30.0  # Whisper's window
 # Audio decoded and scanned by the VAD at a time, while the model decodes the previous regions: 40 s rather
 # than 120 s cut the peak by about 30 MB on a long recording, at the same speed (bench/README.md).
 BLOCK_S = 40.0
+LIVE_BLOCK_S = 5.0  # a live upload's audio is looked at (VAD) as soon as 5 s more of it arrived
 GUARD_S = 3.0  # speech ending this close to the end of what is decoded may go on in the next block
 MIN_LEFTOVER_S = 1.0  # a shorter undecoded tail at the end of a chunk is not worth another pass
 MAX_RETRIES = 2  # times the same audio may be handed back before its tail is dropped
@@ -341,11 +342,13 @@ class FasterWhisperEngine:
         run = _Run(self, options)
         try:
             with (PcmStream(path, max_seconds=options.max_duration_s) as stream,
-                  _Prefetch(speech_regions(stream.blocks(BLOCK_S), vad_options), PREFETCH_REGIONS) as regions):
+                  _Prefetch(speech_regions(stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S), vad_options),
+                            PREFETCH_REGIONS) as regions):
                 total = options.duration_hint or 0.0
                 packer = _Packer(regions)
                 done = 0.0
-                while batch := packer.next_batch(self.batch_size):
+                size = 1 if options.live else self.batch_size
+                while batch := packer.next_batch(size):
                     if should_stop is not None and should_stop():
                         raise Cancelled()
                     packer.give_back(run.decode_batch(batch))

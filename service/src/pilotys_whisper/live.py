@@ -1,0 +1,716 @@
+"""Live uploads: a meeting recorded as it goes, sent with the tus 1.0 resumable upload protocol at /v1/live.
+
+POST /v1/live creates an upload and its job at once (the job's options in Upload-Metadata); the browser then
+appends each MediaRecorder timeslice with PATCH at the server's Upload-Offset, and declares the final
+Upload-Length when recording stops (Upload-Defer-Length: 1 until then). The job waits in the status `receiving`
+while the audio arrives, and is queued as soon as the declared length is reached.
+
+Extensions: creation, creation-with-upload, creation-defer-length, termination, expiration, checksum (sha1).
+
+Durable: the bytes go straight to the job's audio file in the spool; each PATCH is fsynced (the file, and its
+directory when it is created) and its offset committed to the database before the 204 that acknowledges it.
+After a crash the file is cut back to the committed offset: bytes written but never acknowledged are dropped,
+so the client that resumes at the offset HEAD answers sends them again, with no gap and no duplicate.
+An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
+job ends normally); DELETE cancels the job and deletes the audio.
+
+Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, off by default: one test run on a machine at load 21 saw the
+service abort while it ran, not understood yet): once the first data is known to be audio, a thread runs the
+engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until the upload
+is complete), so the engine's own pipeline (decode, VAD, 30 s chunks) transcribes each stretch as soon as VAD
+closes it and only the tail remains when the upload ends. That thread holds one transcription slot while the
+meeting lasts. If it fails, the job falls back to the ordinary worker on the whole file.
+
+One host (the SQLite backend): an upload lives on the worker that created it. The PostgreSQL backend answers 501.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from email.utils import formatdate
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.datastructures import MultiDict
+
+from . import audio, grants
+from .engines import Cancelled, TranscribeOptions
+from .errors import ApiError
+
+log = logging.getLogger("pilotys_whisper.live")
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "termination", "expiration",
+                  "checksum")
+CHECKSUMS = {"sha1": hashlib.sha1}
+CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
+# The data is checked as audio once this much has arrived (or the upload is complete): a browser's first blob
+# holds the container's header; what FFmpeg cannot open by then fails the job at once, not at the end.
+PROBE_BYTES = 64 * 1024
+READ_BYTES = 1 << 20
+# Upload-Metadata keys: the fields of POST /v1/jobs, and those tus clients add on their own (ignored).
+METADATA_FIELDS = ("language", "model", "prompt", "response_format", "temperature", "timestamp_granularities",
+                   "callback_url", "idempotency_key")
+METADATA_IGNORED = ("filename", "filetype", "name", "type", "relativePath")
+# Headers a browser must be allowed to send and to read (CORS, app.py).
+REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Defer-Length",
+                   "Upload-Checksum", "Upload-Concat")
+RESPONSE_HEADERS = ("Location", "Upload-Offset", "Upload-Length", "Upload-Defer-Length", "Upload-Expires",
+                    "Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm",
+                    "Whisper-Job-Id", "Whisper-Transcribed-S")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS live_uploads (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    grant_key TEXT,
+    state TEXT NOT NULL,
+    length BIGINT,
+    received BIGINT NOT NULL DEFAULT 0,
+    probed INTEGER NOT NULL DEFAULT 0,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS live_uploads_by_state ON live_uploads (state, updated_at);
+"""
+# receiving: PATCH appends; finished: the job has all it will get (length reached, idle, too large, bad data).
+
+
+def fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_metadata(header: str | None) -> dict[str, str]:
+    """Upload-Metadata: comma-separated `key base64(value)` pairs (a key alone: an empty value)."""
+    out: dict[str, str] = {}
+    for item in (header or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.partition(" ")
+        try:
+            out[key] = base64.b64decode(value.strip(), validate=True).decode() if value.strip() else ""
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_upload_metadata",
+                           f"Upload-Metadata: the value of {key!r} is not base64 of UTF-8 text") from exc
+    return out
+
+
+def _metadata() -> dict[str, str]:
+    metadata = parse_metadata(request.headers.get("Upload-Metadata"))
+    unknown = sorted(set(metadata) - set(METADATA_FIELDS) - set(METADATA_IGNORED))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown Upload-Metadata key(s) {', '.join(unknown)}; a live upload "
+                       f"takes {', '.join(METADATA_FIELDS)}", param=unknown[0])
+    return metadata
+
+
+def _integer(name: str, low: int = 0) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,19}", raw.strip()) or int(raw) < low:
+        raise ApiError(400, "invalid_" + name.lower().replace("-", "_"), f"{name} must be a whole number of bytes")
+    return int(raw)
+
+
+class _Stopping(Exception):
+    """The service is stopping: the live transcription ends here and starts again from the file at start-up."""
+
+
+class GrowingFile:
+    """The upload's file as the engine reads it: acknowledged bytes only; at their end, wait for more until the
+    upload is complete (then end of file). Not seekable, as a pipe: a streaming demuxer reads it in order."""
+
+    def __init__(self, live: LiveUploads, upload_id: str, path):
+        self.live, self.upload_id = live, upload_id
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close(), after the engine is done
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        live = self.live
+        while True:
+            with live._cond:
+                available, finished = live._progress[self.upload_id]
+                if self._pos >= available and not finished:
+                    if live.manager.stopping.is_set():
+                        raise _Stopping()
+                    if self.upload_id in live._cancelled:
+                        raise Cancelled()
+                    live._cond.wait(2.0)
+                    available, finished = live._progress[self.upload_id]
+            if self._pos < available:
+                break
+            if finished:
+                return b""
+            # A while without data: ask the job (a cancel through DELETE /v1/jobs reaches only the database).
+            job = live.manager._one("SELECT status, cancel_requested FROM jobs WHERE id = "
+                                    "(SELECT job_id FROM live_uploads WHERE id = ?)", (self.upload_id,))
+            if job is None or job["cancel_requested"] or job["status"] != "receiving":
+                raise Cancelled()
+        want = available - self._pos if size is None or size < 0 else min(size, available - self._pos)
+        self._file.seek(self._pos)
+        data = self._file.read(want)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class LiveUploads:
+    def __init__(self, manager):
+        self.manager = manager
+        self.state = manager.state
+        self.settings = manager.settings
+        self.available = not manager.store.shared
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # Live transcription: per upload, (acknowledged bytes, complete?) for its GrowingFile; the uploads a thread
+        # transcribes now; those whose job was cancelled meanwhile. All under _cond.
+        self._cond = threading.Condition()
+        self._progress: dict[str, tuple[int, bool]] = {}
+        self._transcribing: set[str] = set()
+        self._cancelled: set[str] = set()
+        self.incremental = self.settings.live_incremental
+        self.transcribed_s: dict[str, float] = {}  # seconds of audio transcribed so far, per live upload
+        if self.available:
+            self.manager.store._conn().executescript(SCHEMA)
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.available:
+            self.manager.spawn(self._housekeeping, "live-housekeeping")
+            # Uploads whose live transcription the last stop (or crash) cut off start again from the file.
+            for row in self.manager.store.query(
+                    "SELECT u.* FROM live_uploads u JOIN jobs j ON j.id = u.job_id "
+                    "WHERE j.status = 'receiving' AND u.probed = 1"):
+                self._start_transcribing(row)
+
+    def _housekeeping(self) -> None:
+        interval = min(5.0, max(self.settings.live_idle_timeout_s / 4, 0.2))
+        while not self.manager.stopping.wait(interval):
+            try:
+                self.expire_idle()
+            except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
+                log.exception("live upload housekeeping failed")
+
+    def expire_idle(self) -> int:
+        """Finalize the uploads idle longer than the timeout: what they received is transcribed."""
+        cutoff = time.time() - self.settings.live_idle_timeout_s
+        rows = self.manager.store.query(
+            "SELECT id FROM live_uploads WHERE state = 'receiving' AND updated_at <= ?", (cutoff,))
+        for row in rows:
+            with self._lock(row["id"]):
+                upload = self._row(row["id"])
+                if upload is not None and upload["state"] == "receiving" and upload["updated_at"] <= cutoff:
+                    log.info("live upload %s idle for %d s: finalized with %d bytes", upload["id"],
+                             self.settings.live_idle_timeout_s, upload["received"])
+                    self._finalize(upload)
+        # Uploads whose job is gone (purged after its retention) go too.
+        self.manager.store.execute("DELETE FROM live_uploads WHERE job_id NOT IN (SELECT id FROM jobs)")
+        return len(rows)
+
+    # -- routes --------------------------------------------------------------------------------------------
+
+    def blueprint(self) -> Blueprint:
+        bp = Blueprint("live", __name__)
+        bp.add_url_rule("/v1/live", view_func=self.options, methods=["OPTIONS"], provide_automatic_options=False)
+        bp.add_url_rule("/v1/live", view_func=self.create, methods=["POST"])
+        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.options, methods=["OPTIONS"],
+                        provide_automatic_options=False)
+        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.status, methods=["HEAD"])
+        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.append, methods=["PATCH"])
+        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.terminate, methods=["DELETE"])
+        bp.after_request(self._tus_headers)
+        return bp
+
+    @staticmethod
+    def _tus_headers(response: Response) -> Response:
+        if request.method != "OPTIONS":
+            response.headers["Tus-Resumable"] = TUS_VERSION
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def options(self, upload_id: str | None = None):
+        """The server's capabilities (no key needed, as tus clients ask before anything else)."""
+        response = Response(status=204)
+        response.headers.update({"Tus-Version": TUS_VERSION, "Tus-Extension": ",".join(TUS_EXTENSIONS),
+                                 "Tus-Max-Size": str(self.settings.max_upload_bytes),
+                                 "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)})
+        return response
+
+    def create(self):
+        from .app import FormFields
+
+        self._check_request()
+        authorization = request.headers.get("Authorization")
+        grant_key = None
+        if grants.is_grant(authorization):
+            grant = grants.verify(self.state.keyring, authorization)
+            if not grant.live:
+                raise _one_shot_grant()
+            g.principal = principal = grant.principal
+            idempotency_key = grant_key = grant.idempotency_key
+            fields, metadata = MultiDict(grant.fields), _metadata()
+        else:
+            principal = self.state.authenticate()
+            metadata = _metadata()
+            idempotency_key = self.manager._idempotency_key(
+                metadata.pop("idempotency_key", None) or request.headers.get("Idempotency-Key"), param=None)
+            fields = MultiDict({k: v for k, v in metadata.items() if k in METADATA_FIELDS})
+            if "timestamp_granularities" in fields:
+                fields.setlist("timestamp_granularities[]", fields.pop("timestamp_granularities").split(","))
+        length = _integer("Upload-Length")
+        deferred = request.headers.get("Upload-Defer-Length")
+        if deferred is not None and deferred.strip() != "1":
+            raise ApiError(400, "invalid_upload_defer_length", "Upload-Defer-Length may only be 1")
+        if (length is None) == (deferred is None):
+            raise ApiError(400, "missing_upload_length",
+                           "send either Upload-Length or Upload-Defer-Length: 1 (length declared later)")
+        if length is not None and length > self.settings.max_upload_bytes:
+            raise ApiError(413, "file_too_large", f"the upload is larger than {self.settings.max_upload_mb} MB")
+        if idempotency_key:
+            existing = self.manager._by_idempotency_key(principal.owner, idempotency_key)
+            if existing is not None:
+                return self._replayed(existing)
+        checked = FormFields.check(self.state, fields)
+        callback_url = (fields.get("callback_url") or "").strip() or None
+        if callback_url:
+            self.manager._check_callback(principal, callback_url)
+        self.manager._check_free_space(length or 0)
+        options = TranscribeOptions(language=checked.language, prompt=checked.prompt,
+                                    temperature=checked.temperature,
+                                    word_timestamps="word" in checked.granularities)
+        options = {k: v for k, v in asdict(options).items() if k != "max_duration_s"}
+        job_id = "job_" + uuid.uuid4().hex
+        upload_id = "up_" + uuid.uuid4().hex
+        path = self._path(job_id)
+        with open(path, "xb") as f:  # the file, then its name, are safe before the upload exists
+            os.fsync(f.fileno())
+        fsync_dir(path.parent)
+        now = time.time()
+        try:
+            with self.manager.store.transaction() as db:
+                if idempotency_key and db.execute("SELECT 1 FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                                                  (principal.owner, idempotency_key)).fetchone():
+                    raise _Replay()
+                db.execute(
+                    "INSERT INTO jobs (id, owner, status, created_at, filename, size, options, response_format, "
+                    "callback_url, idempotency_key, webhook_status) VALUES (?, ?, 'receiving', ?, ?, 0, ?, ?, ?, ?, ?)",
+                    (job_id, principal.owner, now, (metadata.get("filename") or "live")[:255], json.dumps(options),
+                     checked.response_format, callback_url, idempotency_key, "pending" if callback_url else "none"))
+                db.execute("INSERT INTO live_uploads (id, job_id, owner, grant_key, state, length, created_at, "
+                           "updated_at) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?)",
+                           (upload_id, job_id, principal.owner, grant_key, length, now, now))
+        except _Replay:
+            path.unlink(missing_ok=True)
+            return self._replayed(self.manager._by_idempotency_key(principal.owner, idempotency_key))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        log.info("live upload %s created for job %s (%s)", upload_id, job_id,
+                 f"{length} bytes" if length is not None else "length deferred")
+        upload = self._row(upload_id)
+        if length == 0:  # complete at creation, with nothing in it
+            self._finalize(upload)
+            upload = self._row(upload_id)
+        status = 201
+        error = None
+        if request.mimetype == CHUNK_CONTENT_TYPE and (request.content_length or request.headers.get(
+                "Transfer-Encoding")):
+            try:
+                upload = self._append(upload, offset=0)
+            except ApiError as exc:  # the upload exists: say where it is, with the error
+                error = exc
+                upload = self._row(upload_id)
+        if error is not None:
+            response = jsonify(error.body())
+            status = error.status
+        else:
+            response = Response(status=status)
+        response.status_code = status
+        response.headers.update(self._upload_headers(upload))
+        response.headers["Location"] = f"/v1/live/{upload_id}"
+        return response
+
+    def status(self, upload_id: str):
+        self._check_request()
+        upload = self._owned(upload_id)
+        response = Response(status=200)
+        response.headers.update(self._upload_headers(upload))
+        return response
+
+    def append(self, upload_id: str):
+        self._check_request()
+        self._owned(upload_id)
+        if request.mimetype != CHUNK_CONTENT_TYPE:
+            raise ApiError(415, "unsupported_media_type", f"a PATCH carries Content-Type: {CHUNK_CONTENT_TYPE}")
+        offset = _integer("Upload-Offset")
+        if offset is None:
+            raise ApiError(400, "missing_upload_offset", "send the offset the data starts at as Upload-Offset")
+        with self._lock(upload_id):
+            upload = self._append(self._row(upload_id), offset)
+        response = Response(status=204)
+        response.headers.update(self._upload_headers(upload))
+        return response
+
+    def terminate(self, upload_id: str):
+        """tus termination: the job is cancelled (a running one at its next chunk) and the audio deleted."""
+        self._check_request()
+        upload = self._owned(upload_id)
+        with self._lock(upload_id):
+            now = time.time()
+            with self.manager.store.transaction() as db:
+                db.execute(
+                    "UPDATE jobs SET status = CASE WHEN status IN ('queued', 'receiving') THEN 'cancelled' "
+                    "ELSE status END, finished_at = CASE WHEN status IN ('queued', 'receiving') THEN ? "
+                    "ELSE finished_at END, expires_at = CASE WHEN status IN ('queued', 'receiving') THEN ? "
+                    "ELSE expires_at END, webhook_status = CASE WHEN webhook_status = 'pending' AND status IN "
+                    "('queued', 'receiving', 'running') THEN 'skipped' ELSE webhook_status END, "
+                    "cancel_requested = 1 WHERE id = ?",
+                    (now, now + self.settings.job_retention_s, upload["job_id"]))
+                db.execute("DELETE FROM live_uploads WHERE id = ?", (upload_id,))
+            with self._cond:
+                if upload_id in self._transcribing:
+                    self._cancelled.add(upload_id)
+                    self._cond.notify_all()
+            job = self.manager._get(upload["job_id"])
+            if job is not None and job["status"] == "cancelled":
+                self.manager.store.delete_audio(upload["job_id"])
+        log.info("live upload %s terminated (job %s)", upload_id, upload["job_id"])
+        return Response(status=204)
+
+    # -- the work ------------------------------------------------------------------------------------------
+
+    def _append(self, upload, offset: int):
+        """Append the request's body at offset; returns the upload's row afterwards. Holds the upload's lock."""
+        if upload is None:
+            raise _not_found()
+        job = self.manager._get(upload["job_id"])
+        if job is None or job["status"] == "cancelled":
+            raise ApiError(410, "upload_cancelled", "this upload's job was cancelled: its audio is deleted")
+        if upload["state"] != "receiving" or job["status"] != "receiving":
+            raise ApiError(403, "upload_finished",
+                           f"this upload is complete ({upload['received']} bytes): its job is {job['status']}")
+        if offset != upload["received"]:
+            raise ApiError(409, "offset_mismatch", f"the upload is at offset {upload['received']}, not {offset}: "
+                           "ask HEAD for the offset and resume from there")
+        length = upload["length"]
+        declared = _integer("Upload-Length")
+        if declared is not None:
+            if length is not None and declared != length:
+                raise ApiError(400, "upload_length_changed", f"the upload's length is already {length} bytes")
+            if declared < upload["received"]:
+                raise ApiError(400, "invalid_upload_length",
+                               f"Upload-Length {declared} is less than the {upload['received']} bytes received")
+            length = declared
+        checksum = self._checksum()
+        max_bytes = self.settings.max_upload_bytes
+        limit = min(length, max_bytes) if length is not None else max_bytes
+        room = limit - offset
+        if request.content_length is not None and request.content_length > room:
+            if length is not None and request.content_length > length - offset:
+                raise ApiError(400, "exceeds_upload_length",
+                               f"the data goes past the upload's length of {length} bytes")
+            self._finalize(upload)
+            raise _too_large(max_bytes, upload["received"])
+        if length is not None and length > max_bytes:
+            self._finalize(upload)
+            raise _too_large(max_bytes, upload["received"])
+        request.max_content_length = room + 1  # the per-request bound on bodies (app.py) is for form fields
+        path = self._path(upload["job_id"])
+        written = 0
+        digest = checksum[0]() if checksum else None
+        try:
+            f = open(path, "r+b")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # the job ended meanwhile (its live transcription failed) and its audio went
+            raise ApiError(403, "upload_finished", "this upload's job has ended: it takes no more data") from None
+        with f:
+            f.truncate(offset)  # what a crash left past the acknowledged offset is not part of the upload
+            f.seek(offset)
+            while chunk := request.stream.read(READ_BYTES):
+                written += len(chunk)
+                if written > room:
+                    f.truncate(offset)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    self._finalize(upload)
+                    raise _too_large(max_bytes, upload["received"])
+                if digest is not None:
+                    digest.update(chunk)
+                f.write(chunk)
+            if digest is not None and digest.digest() != checksum[1]:
+                f.truncate(offset)
+                f.flush()
+                os.fsync(f.fileno())
+                raise ApiError(460, "checksum_mismatch", "the data does not match Upload-Checksum: it was dropped; "
+                               f"send it again from offset {offset}")
+            f.flush()
+            os.fsync(f.fileno())
+        received = offset + written
+        self.manager.store.execute(
+            "UPDATE live_uploads SET received = ?, length = ?, updated_at = ? WHERE id = ?",
+            (received, length, time.time(), upload["id"]))
+        self.manager.store.execute("UPDATE jobs SET size = ? WHERE id = ?", (received, upload["job_id"]))
+        upload = self._row(upload["id"])
+        with self._cond:
+            if upload["id"] in self._progress:
+                self._progress[upload["id"]] = (received, False)
+                self._cond.notify_all()
+        complete = length is not None and received >= length
+        if not upload["probed"] and (received >= PROBE_BYTES or (complete and received)):
+            self._probe(upload)
+            self._start_transcribing(self._row(upload["id"]))
+        if complete:
+            self._finalize(upload)
+            upload = self._row(upload["id"])
+        return upload
+
+    def _probe(self, upload) -> None:
+        """Open what arrived as audio: undecodable data fails the job now, at its first chunk."""
+        try:
+            audio.probe(str(self._path(upload["job_id"])))
+        except ApiError as exc:
+            message = f"the live upload is not audio this service can decode: {exc.message}"
+            self._fail(upload, "undecodable_audio", message)
+            raise ApiError(422, "undecodable_audio", message) from exc
+        self.manager.store.execute("UPDATE live_uploads SET probed = 1 WHERE id = ?", (upload["id"],))
+
+    def _finalize(self, upload) -> None:
+        """The upload has all it will get: its live transcription ends with the tail, or (without one) its job is
+        queued with what was received."""
+        if not upload["received"]:
+            self._fail(upload, "no_audio", "the live upload ended before any audio was received")
+            return
+        with self._cond:
+            live = upload["id"] in self._transcribing
+            with self.manager.store.transaction() as db:
+                db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?",
+                           (time.time(), upload["id"]))
+                if not live:
+                    db.execute("UPDATE jobs SET status = 'queued', size = ? WHERE id = ? AND status = 'receiving'",
+                               (upload["received"], upload["job_id"]))
+            if live:
+                self._progress[upload["id"]] = (upload["received"], True)
+                self._cond.notify_all()
+        if not live:
+            self.manager.wake.set()
+        log.info("live upload %s complete with %d bytes: job %s %s", upload["id"], upload["received"],
+                 upload["job_id"], "transcribes its tail" if live else "queued")
+
+    # -- live transcription ------------------------------------------------------------------------------
+
+    def _start_transcribing(self, upload) -> None:
+        if not self.incremental:
+            return
+        with self._cond:
+            if upload["id"] in self._transcribing:
+                return
+            self._transcribing.add(upload["id"])
+            self._progress[upload["id"]] = (upload["received"], upload["state"] != "receiving")
+        self.manager.spawn(lambda: self._transcribe(upload["id"], upload["job_id"]), f"live-{upload['id'][3:11]}")
+
+    def _transcribe(self, upload_id: str, job_id: str) -> None:
+        """The engine on the growing file; at its end the job succeeds (or fails) as a worker's would."""
+        manager = self.manager
+        job = manager._get(job_id)
+        options = TranscribeOptions(**{**json.loads(job["options"]), "live": True},
+                                    max_duration_s=self.settings.max_duration_s)
+        last = {"checked": time.monotonic()}
+
+        def should_stop() -> bool:
+            if manager.stopping.is_set():
+                raise _Stopping()
+            if time.monotonic() - last["checked"] >= 1.0:
+                last["checked"] = time.monotonic()
+                row = manager._one("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,))
+                if row is None or row["cancel_requested"] or row["status"] != "receiving":
+                    with self._cond:
+                        self._cancelled.add(upload_id)
+                    return True
+            return False
+
+        def progress(done: float, total: float) -> None:
+            self.transcribed_s[upload_id] = done
+
+        outcome, result, error, source = None, None, None, None
+        log.info("live upload %s: transcribing as it arrives", upload_id)
+        try:
+            source = GrowingFile(self, upload_id, self._path(job_id))
+            while not self.state.ready.wait(1.0):  # after a restart, the model may still be loading
+                if manager.stopping.is_set():
+                    raise _Stopping()
+            with self.state.admission.slot(bounded_queue=False):
+                result = self.state.engine.transcribe(
+                    source, options, progress, should_stop,
+                    on_segments=lambda segments: manager.publish_segments(job_id, segments))
+            outcome = "succeeded"
+        except (_Stopping, Cancelled):
+            outcome = None  # stopping: again at start-up; cancelled: the job already says so
+        except ApiError as exc:
+            outcome, error = "failed", (exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - the ordinary worker takes the job over
+            log.exception("live upload %s: live transcription failed; the whole file is transcribed at the end",
+                          upload_id)
+        finally:
+            if source is not None:
+                source.close()
+        with self._cond:
+            self._transcribing.discard(upload_id)
+            self._cancelled.discard(upload_id)
+            finished = self._progress.pop(upload_id, (0, False))[1]
+            if outcome == "succeeded" and not finished:
+                # The decoder stopped before the data did: what follows is not audio it can read.
+                outcome, result = "failed", None
+                error = ("undecodable_audio", f"the live upload could not be decoded past "
+                         f"{self.transcribed_s.get(upload_id, 0.0):.0f} s of audio; what came after is not audio")
+                manager.store.execute("UPDATE live_uploads SET state = 'finished' WHERE id = ?", (upload_id,))
+        self.transcribed_s.pop(upload_id, None)
+        if outcome is None:
+            if finished and not manager.stopping.is_set():
+                self._queue(job_id)  # the upload is complete: let the worker have it
+            return
+        now = time.time()
+        with manager.store.transaction() as db:
+            attempt = None
+            if db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 "
+                          "WHERE id = ? AND status = 'receiving'", (now, job_id)).rowcount:
+                attempt = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()["attempts"]
+        if attempt is None:
+            return
+        status = manager._finish(job_id, attempt, outcome, result=result, error=error)
+        if result is not None:
+            self.state.metrics.observe_transcription(result.duration, time.time() - now)
+        log.info("live upload %s: job %s %s", upload_id, job_id, status)
+
+    def _queue(self, job_id: str) -> None:
+        self.manager.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'receiving'", (job_id,))
+        self.manager.wake.set()
+
+    def _fail(self, upload, code: str, message: str) -> None:
+        now = time.time()
+        with self.manager.store.transaction() as db:
+            db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?", (now, upload["id"]))
+            db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
+                       "error_message = ?, webhook_next_at = ? WHERE id = ? AND status = 'receiving'",
+                       (now, now + self.settings.job_retention_s, code, message, now, upload["job_id"]))
+        self.manager.store.delete_audio(upload["job_id"])
+        self.manager._publish_outcome(upload["job_id"])  # the event stream ends with job.failed, as a job's does
+        log.info("live upload %s: job %s failed (%s)", upload["id"], upload["job_id"], code)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _check_request(self) -> None:
+        if not self.available:
+            raise ApiError(501, "live_not_available", "live uploads need the SQLite job backend (one host); this "
+                           "service runs the PostgreSQL one")
+        version = request.headers.get("Tus-Resumable")
+        if version != TUS_VERSION:
+            raise ApiError(412, "unsupported_tus_version", f"send Tus-Resumable: {TUS_VERSION} (tus 1.0)",
+                           headers={"Tus-Version": TUS_VERSION})
+
+    @staticmethod
+    def _checksum():
+        raw = request.headers.get("Upload-Checksum")
+        if raw is None:
+            return None
+        algorithm, _, value = raw.strip().partition(" ")
+        if algorithm not in CHECKSUMS:
+            raise ApiError(400, "unsupported_checksum_algorithm",
+                           f"Upload-Checksum: this server checks {', '.join(CHECKSUMS)}")
+        try:
+            return CHECKSUMS[algorithm], base64.b64decode(value.strip(), validate=True)
+        except binascii.Error as exc:
+            raise ApiError(400, "invalid_upload_checksum", "Upload-Checksum: the value is not base64") from exc
+
+    def _owned(self, upload_id: str):
+        """The upload, if the API key's client owns it or the live grant that created it is presented."""
+        authorization = request.headers.get("Authorization")
+        upload = self._row(upload_id)
+        if grants.is_grant(authorization):
+            grant = grants.verify(self.state.keyring, authorization)
+            g.principal = grant.principal
+            if not grant.live:
+                raise _one_shot_grant()
+            if upload is None or (upload["owner"], upload["grant_key"]) != (grant.principal.owner,
+                                                                           grant.idempotency_key):
+                raise _not_found()
+            return upload
+        principal = self.state.authenticate()
+        if upload is None or upload["owner"] != principal.owner:
+            raise _not_found()
+        return upload
+
+    def _row(self, upload_id: str):
+        rows = self.manager.store.query("SELECT * FROM live_uploads WHERE id = ?", (upload_id,))
+        return rows[0] if rows else None
+
+    def _path(self, job_id: str):
+        return self.manager.spool / f"{job_id}.audio"
+
+    def _upload_headers(self, upload) -> dict[str, str]:
+        headers = {"Upload-Offset": str(upload["received"]), "Whisper-Job-Id": upload["job_id"]}
+        if upload["id"] in self.transcribed_s:  # how far the live transcription has gone, in seconds of audio
+            headers["Whisper-Transcribed-S"] = f"{self.transcribed_s[upload['id']]:.1f}"
+        if upload["length"] is not None:
+            headers["Upload-Length"] = str(upload["length"])
+        else:
+            headers["Upload-Defer-Length"] = "1"
+        if upload["state"] == "receiving":
+            expires = upload["updated_at"] + self.settings.live_idle_timeout_s
+            headers["Upload-Expires"] = formatdate(expires, usegmt=True)
+        return headers
+
+    def _replayed(self, job):
+        """The upload an idempotency key already created (a retried POST): where it is, as tus expects."""
+        rows = self.manager.store.query("SELECT * FROM live_uploads WHERE job_id = ?", (job["id"],))
+        if not rows:
+            raise ApiError(409, "idempotency_key_in_use", "this idempotency key names a job that is not a live upload")
+        response = Response(status=201)
+        response.headers.update(self._upload_headers(rows[0]))
+        response.headers["Location"] = f"/v1/live/{rows[0]['id']}"
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+
+    @contextlib.contextmanager
+    def _lock(self, upload_id: str):
+        with self._locks_guard:
+            lock = self._locks.setdefault(upload_id, threading.Lock())
+        with lock:
+            yield
+
+
+class _Replay(Exception):
+    """A concurrent creation with the same idempotency key committed first."""
+
+
+def _one_shot_grant() -> ApiError:
+    return ApiError(403, "upload_grant_not_accepted",
+                    "this upload grant creates a job with POST /v1/jobs; ask for one with live=true",
+                    headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "upload_not_found", "no such live upload for this API key (or it was terminated)")
+
+
+def _too_large(max_bytes: int, received: int) -> ApiError:
+    return ApiError(413, "upload_too_large",
+                    f"a live upload holds at most {max_bytes // (1024 * 1024)} MB: this data was refused, and the "
+                    f"job goes on with the {received} bytes received before it")
