@@ -36,8 +36,8 @@ $(BIN)/.ready: requirements/dev.txt service/constraints.txt
 venv: deps $(BIN)/.ready
 	@ln -sfn $(VENV) .venv
 
-assets: deps
-	@$(PYTHON) scripts/fetch-assets >/dev/null
+assets: deps venv
+	@$(PYTHON) scripts/fetch-assets --python $(BIN)/python >/dev/null
 
 rig: deps
 	@rig/rig deps
@@ -46,7 +46,7 @@ rig: deps
 lint: venv
 	yamllint --strict .
 	ansible-lint
-	ruff check service scripts/fetch-assets scripts/ct2_whisper.py scripts/ct2_to_openai_whisper.py scripts/ct2_to_ggml.py \
+	ruff check service scripts/fetch-assets scripts/ge2e_to_onnx.py scripts/ct2_whisper.py scripts/ct2_to_openai_whisper.py scripts/ct2_to_ggml.py \
 		tests bench molecule
 	shellcheck scripts/install-host-deps scripts/demo rig/rig tests/rig/*.sh bench/run
 

@@ -7,8 +7,8 @@ Quality, per meeting: the service's engine transcribes with word timestamps, the
   false alarm, confusion);
 - the speaker count found against the true one;
 - the word-level speaker attribution error: the transcript's words aligned on the reference words (jiwer), and
-  of the aligned pairs, the share whose speaker is wrong after the speaker mapping that makes the most right
-  (Hungarian); also by time (each word's middle against the reference speakers talking then).
+  of the words found identical on both sides, the share whose speaker is wrong after the speaker mapping that
+  makes the most right (Hungarian); also by time (each word's middle against the reference speakers talking).
 
 Cost (`--cost`): on a 10-minute meeting, the transcription alone (the service's default options) and
 transcription with word timestamps + diarization + attribution, each in a fresh process: CPU seconds
@@ -16,8 +16,8 @@ transcription with word timestamps + diarization + attribution, each in a fresh 
 per phase); then diarization alone on the same meeting looped to 3 hours. Goals: +15 % processing time,
 +120 MB peak, the 3-hour meeting within the same memory.
 
-Run it through `bench/run --diarization` (the benchmark's virtualenv has pyannote.metrics); `--worker` is the
-child process this script starts for each measurement.
+Run it through `bench/run --diarization` (the benchmark's virtualenv has pyannote.metrics); `--service-src`
+runs another checkout's service; `--worker` is the child process this script starts for each measurement.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("PILOTYS_WHISPER_CACHE") or Path.home() / ".cache" / "pilotys-whisper")
 MB = 1024 * 1024
-sys.path[:0] = [str(HERE), str(ROOT / "service" / "src"), str(ROOT / "service" / "tests")]
+SERVICE_SRC = Path(os.environ.get("DIARIZATION_SERVICE_SRC") or ROOT / "service" / "src")  # set by --service-src
+sys.path[:0] = [str(HERE), str(SERVICE_SRC), str(ROOT / "service" / "tests")]
 from speakers import words_of  # noqa: E402 - the corpus's own word splitting, for both sides
 
 import diar_corpus  # noqa: E402 - beside this file
@@ -94,20 +95,23 @@ def best_mapping(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def words_wrong(reference_words, hypothesis_words) -> dict:
-    """Share of the aligned words given to the wrong speaker, after the best speaker mapping.
+    """Share of the transcript's words given to the wrong speaker, after the best speaker mapping.
 
     `reference_words`: (word, speaker) in spoken order; `hypothesis_words`: (text, speaker) in transcript order,
-    each text split as the reference is. Pairs come from the alignment's matches and substitutions."""
+    each text split as the reference is. Only the words the alignment (jiwer) finds identical on both sides are
+    scored: on synthetic voices the transcript misses many words, and a substitution can pair a word with one
+    of the next turn's (measured: on duo_mf, 11 of 12 "wrong" words among 455 matches and substitutions were
+    such pairs, 1 of 220 exact matches)."""
     import jiwer
 
-    ref = [(w, s) for w, s in reference_words]
+    ref = list(reference_words)
     hyp = [(w, s) for text, s in hypothesis_words for w in words_of(text)]
     if not ref or not hyp:
         return {"wrong": 1.0 if ref else 0.0, "pairs": 0, "reference_words": len(ref), "transcript_words": len(hyp)}
     out = jiwer.process_words(" ".join(w for w, _ in ref), " ".join(w for w, _ in hyp))
     pairs = []
     for chunk in out.alignments[0]:
-        if chunk.type in ("equal", "substitute"):
+        if chunk.type == "equal":
             hyp_span = range(chunk.hyp_start_idx, chunk.hyp_end_idx)
             for i, j in zip(range(chunk.ref_start_idx, chunk.ref_end_idx), hyp_span, strict=True):
                 pairs.append((ref[i][1], str(hyp[j][1])))
@@ -248,7 +252,7 @@ def report(rows: list[dict], cost: dict, extra: dict) -> str:
              f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} CPUs.", ""]
     if rows:
         lines += ["| meeting | length | speakers true / found | DER ±0.25 s | DER no collar | missed / FA / confusion "
-                  "(no collar) | words wrong (aligned) | by time | diarize CPU s / ASR CPU s |",
+                  "(no collar) | words wrong (matched words) | by time | diarize CPU s / ASR CPU s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             d = r["der_none"]
@@ -267,7 +271,7 @@ def report(rows: list[dict], cost: dict, extra: dict) -> str:
             "DER ±0.25 s": (overall["0.25"] <= GOAL_DER["0.25"], f"{pct(overall['0.25'])} (goal ≤ 5 %)"),
             "DER no collar": (overall["none"] <= GOAL_DER["none"], f"{pct(overall['none'])} (goal ≤ 10 %)"),
             "speaker count": (right >= GOAL_COUNT_SHARE * len(rows), f"{right} of {len(rows)} (goal ≥ 7 of 8)"),
-            "words wrong": (wrong <= GOAL_WORDS_WRONG, f"{pct(wrong)} of {pairs} aligned words (goal ≤ 3 %)"),
+            "words wrong": (wrong <= GOAL_WORDS_WRONG, f"{pct(wrong)} of {pairs} matched words (goal ≤ 3 %)"),
         }
         lines += ["", "Over the corpus (DER weighted by scored time):", ""]
         lines += [f"- {'PASS' if ok else 'MISS'} {k}: {text}" for k, (ok, text) in verdict.items()]
@@ -327,6 +331,8 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true", help="also the cost on 10 minutes and 3 hours")
     parser.add_argument("--cost-only", action="store_true", help="only the cost")
     parser.add_argument("--real", action="store_true", help="also the TV news of the assets")
+    parser.add_argument("--service-src", type=Path, default=SERVICE_SRC,
+                        help="run another checkout's service (its src directory)")
     parser.add_argument("--oracle-count", action="store_true", help="tell the diarizer the true speaker count")
     parser.add_argument("--num-speakers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("asr", "both", "diarize"), help=argparse.SUPPRESS)
@@ -337,6 +343,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.wav, args.out, args.model, args.num_speakers)
         return
+    os.environ["DIARIZATION_SERVICE_SRC"] = str(args.service_src.resolve())  # the workers' service
     args.corpus = args.work_dir / "diarization"
     args.work = args.corpus / "runs"
     args.work.mkdir(parents=True, exist_ok=True)

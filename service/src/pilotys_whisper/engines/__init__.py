@@ -56,11 +56,14 @@ class Segment:
     temperature: float = 0.0
     seek: int = 0
     words: list[Word] | None = None
+    speaker: str | None = None  # set by diarization only
 
     def as_dict(self) -> dict:
         data = asdict(self)
         if self.words is None:
             data.pop("words")
+        if self.speaker is None:  # clients that never asked for speakers see the fields they always had
+            data.pop("speaker")
         return data
 
 

@@ -1,0 +1,279 @@
+"""The diarizer: GE2E speaker embeddings of 1.6 s windows of speech (onnxruntime), clustered into speakers.
+
+Audio is read block by block (audio.PcmStream) and cut into speech regions by Silero VAD, as the faster-whisper
+engine does (engines.faster.speech_regions), or by the regions the caller already has. Each region is
+embedded window by window as it comes; only the embeddings (1 KB per 0.8 s of speech) are kept, so memory
+does not grow with the audio, and clustering (clustering.py) bounds its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE
+from . import features
+from .result import Diarization, DiarizationUnavailable, Turn
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "WHISPER_DIARIZATION_MODEL"
+ASSET_PATH = Path("models") / "ge2e" / "ge2e.onnx"  # under the assets directory scripts/fetch-assets builds
+HOP_FRAMES = 80  # windows of 160 frames (1.6 s) every 0.8 s: half overlap, as resemblyzer's partials
+MIN_FRAMES = 50  # a speech region shorter than 0.5 s gets no embedding: it takes its neighbours' speaker
+CLUSTER_MIN_FRAMES = features.PARTIAL_FRAMES  # shorter windows (noisier) are assigned, not clustered
+BATCH = 32  # windows per encoder call
+BLOCK_S = 40.0  # audio decoded at a time, as the faster engine
+# Silero VAD as the faster engine runs it, with less padding: padding turns silence into speech of someone.
+VAD = {"max_speech_duration_s": 30.0, "min_silence_duration_ms": 160, "speech_pad_ms": 100}
+REFERENCE_MIN_S, REFERENCE_MAX_S = 1.0, 30.0  # a known speaker's clip: speech in it, and the clip's length
+# A cluster takes a known name only if its voice is this close to the reference (cosine of GE2E embeddings;
+# the same voice scores above 0.85, two different synthetic voices of one gender up to about 0.8).
+REFERENCE_MIN_SIMILARITY = 0.7
+
+
+def default_model_path() -> Path:
+    """$WHISPER_DIARIZATION_MODEL, else the file scripts/fetch-assets builds in the assets directory."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    assets = os.environ.get("PILOTYS_WHISPER_ASSETS") or Path.home() / ".cache" / "pilotys-whisper" / "assets"
+    return Path(assets) / ASSET_PATH
+
+
+def _letters(n: int) -> str:
+    """A, B, ... Z, AA, AB, ...: spreadsheet column names."""
+    name = ""
+    n += 1
+    while n:
+        n, rest = divmod(n - 1, 26)
+        name = chr(ord("A") + rest) + name
+    return name
+
+
+def _array_blocks(audio: np.ndarray) -> Iterator[np.ndarray]:
+    step = int(BLOCK_S * SAMPLE_RATE)
+    for start in range(0, audio.shape[0], step):
+        yield audio[start:start + step]
+
+
+def _given_regions(blocks: Iterable[np.ndarray], speech: list[tuple[float, float]]) -> Iterator[tuple[int, np.ndarray]]:
+    """The caller's speech regions cut out of a stream of blocks; only the audio not yet passed is kept."""
+    wanted = sorted((int(s * SAMPLE_RATE), int(e * SAMPLE_RATE)) for s, e in speech if e > s)
+    buf = np.zeros(0, dtype=np.float32)
+    buf_start = 0
+    i = 0
+    for block in blocks:
+        buf = np.concatenate([buf, block]) if buf.size else block
+        buf_end = buf_start + buf.shape[0]
+        while i < len(wanted) and wanted[i][1] <= buf_end:
+            start, end = wanted[i]
+            if end > buf_start:
+                yield max(start, buf_start), buf[max(start, buf_start) - buf_start:end - buf_start].copy()
+            i += 1
+        keep_from = wanted[i][0] if i < len(wanted) else buf_end
+        keep_from = min(max(keep_from, buf_start), buf_end)
+        buf, buf_start = buf[keep_from - buf_start:], keep_from
+        if i >= len(wanted):
+            return
+    if i < len(wanted) and buf.size:  # regions running past the end of the audio
+        for start, end in wanted[i:]:
+            if start < buf_start + buf.shape[0]:
+                yield max(start, buf_start), buf[max(start, buf_start) - buf_start:end - buf_start].copy()
+
+
+class Diarizer:
+    """Speaker diarization with a GE2E encoder in ONNX. Load once at start-up; diarize() is thread-safe."""
+
+    def __init__(self, session, model_path: Path):
+        self._session = session
+        self.model_path = model_path
+
+    @classmethod
+    def load(cls, model_path: str | None = None, threads: int = 0) -> Diarizer:
+        path = Path(model_path) if model_path else default_model_path()
+        try:
+            import onnxruntime
+            import scipy  # noqa: F401 - the clustering's, checked here rather than on the first request
+        except ImportError as exc:
+            raise DiarizationUnavailable(
+                f"speaker diarization needs the optional dependencies ({exc.name} is missing): install the "
+                "service with its [diarization] extra (pip install 'pilotys-whisper[diarization]')") from exc
+        if not path.is_file():
+            raise DiarizationUnavailable(
+                f"the speaker model {path} is missing: build it with scripts/fetch-assets (make assets), or set "
+                f"{MODEL_ENV} to an ONNX speaker-embedding model")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+            raise DiarizationUnavailable(f"the speaker model {path} could not be loaded: {exc}") from exc
+        log.info("speaker model %s loaded", path)
+        return cls(session, path)
+
+    # -- embeddings ------------------------------------------------------------------------------------
+
+    def _embed(self, mels: np.ndarray) -> np.ndarray:
+        (out,) = self._session.run(None, {"mels": np.ascontiguousarray(mels, dtype=np.float32)})
+        return out
+
+    def _windows(self, start: int, audio: np.ndarray) -> Iterator[tuple[float, float, np.ndarray, bool]]:
+        """(start s, end s, mel frames, full length) of the windows of one speech region."""
+        mel = features.mel_spectrogram(audio)
+        frames = mel.shape[0]
+        if frames < MIN_FRAMES:
+            return
+        size = features.PARTIAL_FRAMES
+        if frames <= size:
+            starts = [0]
+        else:
+            starts = list(range(0, frames - size + 1, HOP_FRAMES))
+            if starts[-1] != frames - size:
+                starts.append(frames - size)  # the region's end is covered too
+        for first in starts:
+            last = min(first + size, frames)
+            piece = audio[first * features.HOP:last * features.HOP]
+            gain = features.volume_gain(piece)
+            t0 = (start + first * features.HOP) / SAMPLE_RATE
+            t1 = (start + min(last * features.HOP, audio.shape[0])) / SAMPLE_RATE
+            yield t0, t1, mel[first:last] * (gain * gain), last - first >= CLUSTER_MIN_FRAMES
+
+    def _embed_regions(self, regions: Iterable[tuple[int, np.ndarray]]):
+        """Embeddings of every window of every region: (times (n, 2), embeddings (n, 256), full (n,),
+        region of each window, the regions' (start, end) in seconds)."""
+        times, vectors, full, owner, spans = [], [], [], [], []
+        pending: list[np.ndarray] = []
+        pending_at: list[int] = []
+
+        def flush():
+            if pending:
+                out = self._embed(np.stack(pending))
+                for index, vector in zip(pending_at, out, strict=True):
+                    vectors[index] = vector
+                pending.clear()
+                pending_at.clear()
+
+        for start, audio in regions:
+            spans.append((start / SAMPLE_RATE, (start + audio.shape[0]) / SAMPLE_RATE))
+            for t0, t1, mel, is_full in self._windows(start, audio):
+                times.append((t0, t1))
+                full.append(is_full)
+                owner.append(len(spans) - 1)
+                vectors.append(None)
+                if mel.shape[0] == features.PARTIAL_FRAMES:
+                    pending.append(mel)
+                    pending_at.append(len(vectors) - 1)
+                    if len(pending) == BATCH:
+                        flush()
+                else:
+                    vectors[-1] = self._embed(mel[None])[0]
+        flush()
+        dim = vectors[0].shape[0] if vectors else 256
+        return (np.array(times, dtype=np.float64).reshape(-1, 2), np.array(vectors, dtype=np.float32).reshape(-1, dim),
+                np.array(full, dtype=bool), np.array(owner, dtype=int), spans)
+
+    def _regions(self, audio, speech) -> Iterator[tuple[int, np.ndarray]]:
+        from ..audio import PcmStream
+
+        if isinstance(audio, (str, os.PathLike)):
+            with PcmStream(str(audio)) as stream:
+                yield from self._cut(stream.blocks(BLOCK_S), speech)
+        else:
+            yield from self._cut(_array_blocks(np.asarray(audio, dtype=np.float32).reshape(-1)), speech)
+
+    @staticmethod
+    def _cut(blocks: Iterable[np.ndarray], speech) -> Iterator[tuple[int, np.ndarray]]:
+        if speech is not None:
+            yield from _given_regions(blocks, speech)
+            return
+        from faster_whisper.vad import VadOptions
+
+        from ..engines.faster import speech_regions
+
+        for region in speech_regions(blocks, VadOptions(**VAD), max_s=VAD["max_speech_duration_s"]):
+            yield region.start, region.audio
+
+    def reference(self, audio) -> np.ndarray:
+        """The embedding of a known speaker's clip (a path or 16 kHz float32 samples): the mean of its windows."""
+        from ..audio import decode_all
+        from ..errors import ApiError
+
+        if isinstance(audio, (str, os.PathLike)):
+            try:
+                audio = decode_all(str(audio), max_seconds=REFERENCE_MAX_S)
+            except ApiError as exc:
+                raise ValueError(f"the reference clip is not usable audio: {exc.message}") from exc
+        samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if samples.shape[0] > REFERENCE_MAX_S * SAMPLE_RATE:
+            raise ValueError(f"the reference clip lasts {samples.shape[0] / SAMPLE_RATE:.1f} s; send a clip of "
+                             f"{REFERENCE_MIN_S:.0f} to 10 s of the speaker alone")
+        if samples.shape[0] < REFERENCE_MIN_S * SAMPLE_RATE:
+            raise ValueError(f"the reference clip lasts {samples.shape[0] / SAMPLE_RATE:.2f} s; it needs at least "
+                             f"{REFERENCE_MIN_S:.0f} s of the speaker's voice")
+        _, vectors, _, _, spans = self._embed_regions(self._cut(_array_blocks(samples), None))
+        speech = sum(end - start for start, end in spans)
+        if speech < REFERENCE_MIN_S or vectors.shape[0] == 0:
+            raise ValueError(f"the reference clip holds {speech:.2f} s of speech; it needs at least "
+                             f"{REFERENCE_MIN_S:.0f} s of the speaker's voice")
+        mean = vectors.mean(axis=0)
+        return (mean / np.linalg.norm(mean)).astype(np.float32)
+
+    # -- diarization -----------------------------------------------------------------------------------
+
+    def diarize(self, audio, *, speech: list[tuple[float, float]] | None = None, num_speakers: int | None = None,
+                min_speakers: int | None = None, max_speakers: int | None = None,
+                references: dict[str, np.ndarray] | None = None) -> Diarization:
+        from .clustering import cluster, match_references
+
+        times, vectors, full, owner, spans = self._embed_regions(self._regions(audio, speech))
+        if vectors.shape[0] == 0:
+            return Diarization(turns=[], speakers=[], windows=0, affinity_size=0)
+        clustered = np.flatnonzero(full) if full.any() else np.arange(vectors.shape[0])
+        found = cluster(vectors[clustered], num_speakers=num_speakers, min_speakers=min_speakers,
+                        max_speakers=max_speakers)
+        # Every window (the short ones too) takes the speaker whose centroid is nearest; the clustered ones
+        # keep the cluster they were put in.
+        labels = np.argmax(vectors @ found.centroids.T.astype(np.float32), axis=1)
+        labels[clustered] = found.labels
+        names = match_references(found.centroids, references or {}, REFERENCE_MIN_SIMILARITY)
+        turns = self._turns(times, labels, owner, spans)
+        ordered: dict[int, str] = {}
+        for label, _ in turns:
+            if label not in ordered:
+                ordered[label] = names.get(label) or _letters(sum(1 for k in ordered if k not in names))
+        result = [Turn(round(s, 3), round(e, 3), ordered[label]) for label, (s, e) in
+                  ((label, span) for label, span in turns)]
+        return Diarization(turns=result, speakers=list(dict.fromkeys(t.speaker for t in result)),
+                           windows=int(vectors.shape[0]), affinity_size=found.affinity_size,
+                           stats={"clusters": int(found.centroids.shape[0])})
+
+    @staticmethod
+    def _turns(times: np.ndarray, labels: np.ndarray, owner: np.ndarray, spans) -> list:
+        """[(label, (start, end))] in time order: each region split between its windows' speakers at the
+        midpoints of consecutive windows; a region without a window takes its nearest window's speaker."""
+        centres = times.mean(axis=1)
+        out: list = []
+        for region, (start, end) in enumerate(spans):
+            mine = np.flatnonzero(owner == region) if owner.size else np.zeros(0, dtype=int)
+            if mine.size == 0:
+                nearest = int(np.argmin(np.abs(centres - (start + end) / 2)))
+                pieces = [(int(labels[nearest]), start, end)]
+            else:
+                pieces, cut = [], start
+                for a, b in zip(mine[:-1], mine[1:], strict=True):
+                    if labels[a] != labels[b]:
+                        middle = (centres[a] + centres[b]) / 2
+                        pieces.append((int(labels[a]), cut, middle))
+                        cut = middle
+                pieces.append((int(labels[mine[-1]]), cut, end))
+            for label, s, e in pieces:
+                if out and out[-1][0] == label and s - out[-1][1][1] < 1e-6:
+                    out[-1] = (label, (out[-1][1][0], e))
+                else:
+                    out.append((label, (s, e)))
+        return out

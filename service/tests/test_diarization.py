@@ -1,0 +1,299 @@
+"""Speaker diarization on the real GE2E model (ONNX) and speech synthesised with espeak-ng: a French meeting of
+three voices, known speakers put on them, segments split where the speaker changes, bounds counted."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import wave
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pilotys_whisper.audio import decode_all
+from pilotys_whisper.diarization import (
+    Diarization,
+    DiarizationUnavailable,
+    Diarizer,
+    Turn,
+    attribute,
+    clustering,
+    features,
+    speaker_totals,
+)
+from pilotys_whisper.engines import Segment, Word
+
+from conftest import DATA, load_script
+
+SENTENCES = [s for s in re.split(r"(?<=[.!?])\s+", (DATA / "fr_meeting.txt").read_text().strip()) if s]
+# Three distinct voices: espeak-ng variants and pitches (-p), speeds (-s).
+VOICES = {"Marc": ("fr+m1", 30, 150), "Sophie": ("fr+f2", 70, 165), "Paul": ("fr+m2", 55, 140)}
+# (speaker, sentences, silence before the turn in s): turns of 3 to 13 s, the same voice back after others,
+# and two changes of speaker with no pause at all.
+PLAN = [("Marc", [0], 0.4), ("Sophie", [1], 0.6), ("Paul", [2, 3], 0.5), ("Marc", [4], 0.0), ("Sophie", [5, 6], 0.3),
+        ("Paul", [1], 0.7), ("Marc", [2], 0.5), ("Sophie", [3], 0.0), ("Paul", [6], 0.4), ("Marc", [5], 0.6)]
+DER_LIMIT = 0.10  # without collar; measured: see the test
+
+
+def espeak(text: str, voice: tuple[str, int, int], path: Path) -> np.ndarray:
+    name, pitch, speed = voice
+    subprocess.run(["espeak-ng", "-v", name, "-p", str(pitch), "-s", str(speed), "-w", str(path), text], check=True)
+    samples = decode_all(str(path))
+    voiced = np.flatnonzero(np.abs(samples) > 1e-3)  # espeak's own silence before and after
+    return samples[voiced[0]:voiced[-1] + 1]
+
+
+def write_wav(path: Path, samples: np.ndarray) -> Path:
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def diarizer(assets) -> Diarizer:
+    path = assets / "models" / "ge2e" / "ge2e.onnx"
+    if not path.is_file():
+        pytest.fail(f"{path} missing: run `make assets` (scripts/fetch-assets --python .venv/bin/python)",
+                    pytrace=False)
+    return Diarizer.load(str(path), threads=1)
+
+
+@pytest.fixture(scope="module")
+def meeting(tmp_path_factory):
+    """The meeting as a WAV file and its reference turns [(start, end, name)]."""
+    tmp = tmp_path_factory.mktemp("meeting")
+    parts, turns, t = [], [], 0.0
+    for i, (name, sentences, pause) in enumerate(PLAN):
+        speech = espeak(" ".join(SENTENCES[s] for s in sentences), VOICES[name], tmp / f"turn{i}.wav")
+        parts += [np.zeros(int(pause * 16000), dtype=np.float32), speech]
+        t += pause
+        turns.append((t, t + speech.shape[0] / 16000, name))
+        t += speech.shape[0] / 16000
+    return write_wav(tmp / "meeting.wav", np.concatenate(parts)), turns
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """A clip of each voice alone, saying something said nowhere in the meeting."""
+    tmp = tmp_path_factory.mktemp("clips")
+    text = "Je vous remercie, je reprendrai ce point la semaine prochaine avec toute l'équipe."
+    return {name: write_wav(tmp / f"{name}.wav", espeak(text, voice, tmp / f"{name}-raw.wav"))
+            for name, voice in VOICES.items()}
+
+
+def der(reference: list[tuple[float, float, str]], turns: list[Turn], step: float = 0.01) -> float:
+    """Diarization error rate without collar on a 10 ms grid: missed speech, false alarm and confusion over
+    the reference speech, with the best one-to-one mapping of speakers (Hungarian), as pyannote.metrics."""
+    from scipy.optimize import linear_sum_assignment
+
+    end = max([e for _, e, _ in reference] + [t.end for t in turns])
+    size = int(np.ceil(end / step)) + 1
+    ref_names = sorted({n for *_, n in reference})
+    hyp_names = sorted({t.speaker for t in turns}) or ["none"]
+    ref, hyp = np.full(size, -1), np.full(size, -1)
+    for s, e, n in reference:
+        ref[round(s / step):round(e / step)] = ref_names.index(n)
+    for turn in turns:
+        hyp[round(turn.start / step):round(turn.end / step)] = hyp_names.index(turn.speaker)
+    both = (ref >= 0) & (hyp >= 0)
+    counts = np.zeros((len(ref_names), len(hyp_names)))
+    np.add.at(counts, (ref[both], hyp[both]), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    errors = ((ref >= 0) & (hyp < 0)).sum() + ((ref < 0) & (hyp >= 0)).sum() + both.sum() - counts[rows, cols].sum()
+    return float(errors / (ref >= 0).sum())
+
+
+def speaker_of(turns: list[Turn], start: float, end: float) -> str:
+    return Diarization(turns=turns, speakers=[]).speaker_at(start, end)
+
+
+# -- the meeting -----------------------------------------------------------------------------------------
+
+
+def test_meeting_speakers_found_with_a_low_error_rate(diarizer, meeting):
+    path, reference = meeting
+    result = diarizer.diarize(str(path))
+    assert len(result.speakers) == 3, result
+    assert result.speakers == ["A", "B", "C"]  # letters in order of first appearance, as OpenAI's
+    assert [t.start for t in result.turns] == sorted(t.start for t in result.turns)
+    assert all(a.end <= b.start for a, b in zip(result.turns, result.turns[1:]))
+    error = der(reference, result.turns)
+    print(f"DER without collar: {error:.3f}, {result.windows} windows")
+    assert error < DER_LIMIT
+    # Each voice is one speaker: the middle of each reference turn is given to its voice's label.
+    names = {}
+    for s, e, name in reference:
+        names.setdefault(name, set()).add(speaker_of(result.turns, (s + e) / 2 - 0.2, (s + e) / 2 + 0.2))
+    assert all(len(labels) == 1 for labels in names.values()), names
+    assert len({next(iter(labels)) for labels in names.values()}) == 3
+
+
+def test_array_input_and_given_speech_regions_give_the_same_speakers(diarizer, meeting):
+    path, reference = meeting
+    samples = decode_all(str(path))
+    speech = [(s, e) for s, e, _ in reference]
+    result = diarizer.diarize(samples, speech=speech)
+    assert len(result.speakers) == 3
+    # Only the given regions are speech: nothing outside them is attributed.
+    assert all(any(s - 1e-3 <= t.start and t.end <= e + 1e-3 for s, e in speech) for t in result.turns)
+    assert der(reference, result.turns) < DER_LIMIT
+
+
+def test_known_speakers_are_named(diarizer, meeting, clips):
+    path, reference = meeting
+    references = {name: diarizer.reference(str(clip)) for name, clip in clips.items()}
+    result = diarizer.diarize(str(path), references=references)
+    assert sorted(result.speakers) == sorted(VOICES)
+    for s, e, name in reference:
+        assert speaker_of(result.turns, (s + e) / 2 - 0.2, (s + e) / 2 + 0.2) == name
+    # Two names only: the third voice keeps a letter.
+    partial = {name: references[name] for name in ("Sophie", "Paul")}
+    result = diarizer.diarize(str(path), references=partial)
+    assert result.speakers == ["A", "Sophie", "Paul"]
+
+
+def test_speaker_counts_asked_for_are_respected(diarizer, meeting):
+    path, _ = meeting
+    assert len(diarizer.diarize(str(path), num_speakers=2).speakers) == 2
+    assert len(diarizer.diarize(str(path), num_speakers=4).speakers) == 4
+    assert len(diarizer.diarize(str(path), max_speakers=2).speakers) <= 2
+    assert len(diarizer.diarize(str(path), min_speakers=4).speakers) >= 4
+
+
+def test_one_voice_is_one_speaker(diarizer, tmp_path):
+    speech = [espeak(SENTENCES[i], VOICES["Sophie"], tmp_path / f"{i}.wav") for i in range(4)]
+    gap = np.zeros(8000, dtype=np.float32)
+    result = diarizer.diarize(np.concatenate([speech[0], gap, speech[1], gap, speech[2], gap, speech[3]]))
+    assert result.speakers == ["A"]
+
+
+def test_silence_has_no_speaker(diarizer, audio):
+    result = diarizer.diarize(str(audio("silence_20s.wav")))
+    assert result.turns == [] and result.speakers == []
+
+
+# -- references and loading ------------------------------------------------------------------------------
+
+
+def test_bad_references_are_refused(diarizer, clips, tmp_path, audio):
+    short = tmp_path / "short.wav"
+    write_wav(short, decode_all(str(clips["Marc"]))[:12000])  # 0.75 s
+    with pytest.raises(ValueError, match="at least 1 s"):
+        diarizer.reference(str(short))
+    with pytest.raises(ValueError, match="at least 1 s"):
+        diarizer.reference(str(audio("silence_20s.wav")))  # long enough, but no speech in it
+    text = tmp_path / "notes.txt"
+    text.write_text("ceci n'est pas un son\n" * 100)
+    with pytest.raises(ValueError, match="not usable audio"):
+        diarizer.reference(str(text))
+    with pytest.raises(ValueError, match="at least 1 s"):
+        diarizer.reference(np.zeros(8000, dtype=np.float32))
+    embedding = diarizer.reference(str(clips["Marc"]))
+    assert embedding.shape == (256,) and abs(float(np.linalg.norm(embedding)) - 1) < 1e-5
+
+
+def test_a_missing_model_says_how_to_get_it(tmp_path):
+    with pytest.raises(DiarizationUnavailable, match="fetch-assets"):
+        Diarizer.load(str(tmp_path / "absent.onnx"))
+
+
+# -- segments --------------------------------------------------------------------------------------------
+
+
+def _words(*spec) -> list[Word]:
+    return [Word(start, end, text, 0.9) for start, end, text in spec]
+
+
+def test_a_segment_straddling_two_speakers_is_split_at_a_word():
+    diarization = Diarization(turns=[Turn(0.0, 2.0, "A"), Turn(2.0, 5.0, "B"), Turn(5.5, 8.0, "A")],
+                              speakers=["A", "B"])
+    words = _words((0.2, 0.6, " Nous"), (0.6, 1.1, " validons"), (1.1, 1.9, " aujourd'hui."), (2.1, 2.5, " Oui,"),
+                   (2.5, 3.0, " d'accord."))
+    segments = [Segment(id=0, start=0.2, end=3.0, text=" Nous validons aujourd'hui. Oui, d'accord.",
+                        tokens=[1, 2, 3], words=words),
+                Segment(id=1, start=6.0, end=7.0, text=" Merci.", tokens=[4], words=_words((6.0, 7.0, " Merci.")))]
+    out = attribute(segments, diarization)
+    assert [(s.id, s.speaker, s.text) for s in out] == [
+        (0, "A", " Nous validons aujourd'hui."), (1, "B", " Oui, d'accord."), (2, "A", " Merci.")]
+    assert (out[0].start, out[0].end, out[1].start, out[1].end) == (0.2, 1.9, 2.1, 3.0)
+    assert [w for s in out for w in s.words] == words + segments[1].words  # no word lost, none moved
+    assert out[2].tokens == [4]  # a segment kept whole keeps its tokens
+    assert speaker_totals(out) == [{"speaker": "A", "duration": 2.7}, {"speaker": "B", "duration": 0.9}]
+
+
+def test_segments_without_words_go_whole_to_their_main_speaker():
+    diarization = Diarization(turns=[Turn(0.0, 1.0, "A"), Turn(1.0, 4.0, "B")], speakers=["A", "B"])
+    out = attribute([Segment(id=3, start=0.5, end=3.0, text=" Bonjour.")], diarization)
+    assert [(s.id, s.speaker) for s in out] == [(0, "B")]
+    # Outside every turn (a segment in a pause), the nearest turn's speaker.
+    assert attribute([Segment(id=0, start=4.5, end=5.0, text=" Oui.")], diarization)[0].speaker == "B"
+
+
+def test_segment_dicts_carry_a_speaker_only_when_there_is_one():
+    segment = Segment(id=0, start=0.0, end=1.0, text=" Oui.")
+    assert "speaker" not in segment.as_dict()
+    segment.speaker = "A"
+    assert segment.as_dict()["speaker"] == "A"
+
+
+def test_transcript_and_diarization_together(diarizer, meeting):
+    """Real turns on segments cut where the reference says words are: each segment gets its voice's label."""
+    path, reference = meeting
+    result = diarizer.diarize(str(path))
+    segments = [Segment(id=i, start=s, end=e, text=f" tour {i}", words=_words((s, (s + e) / 2, " tour"),
+                                                                             ((s + e) / 2, e, f" {i}")))
+                for i, (s, e, _) in enumerate(reference)]
+    out = attribute(segments, result)
+    assert all(s.speaker in result.speakers for s in out)
+    assert len({s.speaker for s in out}) == 3
+
+
+# -- bounds and parity -----------------------------------------------------------------------------------
+
+
+def test_clustering_memory_is_bounded_for_a_long_meeting():
+    """About 3 hours of windows (0.8 s apart): the similarity matrix stays at MAX_CLUSTERED rows."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 256))
+    truth = rng.integers(0, 3, 13_500)
+    embeddings = centres[truth] + 0.6 * rng.standard_normal((13_500, 256))
+    result = clustering.cluster(embeddings)
+    assert 0 < result.affinity_size <= clustering.MAX_CLUSTERED
+    assert result.labels.shape == (13_500,)
+    assert result.centroids.shape[0] == 3
+    counts = np.zeros((3, 3))
+    np.add.at(counts, (truth, result.labels), 1)
+    assert counts.max(axis=1).sum() / truth.size > 0.99  # each true group in one cluster
+
+
+def test_mel_features_match_librosa():
+    """librosa 0.11's melspectrogram (what resemblyzer calls) on a fixed signal, stored in the data folder."""
+    expected = np.load(DATA / "ge2e_mel_reference.npz")
+    t = np.arange(8000) / 16000
+    signal = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.sin(2 * np.pi * 3100 * t)
+              + 0.05 * np.random.default_rng(7).standard_normal(8000)).astype(np.float32)
+    np.testing.assert_allclose(features.mel_filters(), expected["filters"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(features.mel_spectrogram(signal), expected["mel"], rtol=1e-4, atol=1e-6)
+
+
+def test_onnx_encoder_matches_pytorch(diarizer, assets, tmp_path, clips):
+    """The converted encoder against the original checkpoint in PyTorch, on features of real speech."""
+    torch = pytest.importorskip("torch")
+    fetch = load_script("ge2e_to_onnx")
+    wheel = assets.parent / "downloads" / "Resemblyzer-0.1.4-py3-none-any.whl"
+    checkpoint = tmp_path / "pretrained.pt"
+    with zipfile.ZipFile(wheel) as archive:
+        checkpoint.write_bytes(archive.read("resemblyzer/pretrained.pt"))
+    encoder = fetch.build_encoder(checkpoint)
+    mel = features.mel_spectrogram(decode_all(str(clips["Paul"])))
+    batch = np.stack([mel[i:i + 160] for i in range(0, mel.shape[0] - 160, 80)])
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(batch)).numpy()
+    got = diarizer._embed(batch)
+    print(f"ONNX against PyTorch: max abs difference {np.abs(got - expected).max():.2e}")
+    assert np.abs(got - expected).max() < 1e-4
