@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from .audio import SAMPLE_RATE, decode_all, probe
@@ -148,51 +150,44 @@ def voice_prints(diarizer, names: list[str], clips: list, tmp_dir: str | None) -
     return prints
 
 
-class _clip_file:  # noqa: N801 - used as a context manager, like open()
+@contextlib.contextmanager
+def _clip_file(clip, tmp_dir: str | None, name: str) -> Iterator[str]:
     """The clip as a file path: an uploaded file as it is, a data URL decoded to a temporary file."""
-
-    def __init__(self, clip, tmp_dir: str | None, name: str):
-        self.clip, self.tmp_dir, self.name, self.temp = clip, tmp_dir, name, None
-
-    def __enter__(self) -> str:
-        invalid = ApiError(400, "invalid_speaker_reference",
-                           f"the reference clip of {self.name!r} must be an audio file part or a data URL "
-                           "(data:audio/wav;base64,...)", param="known_speaker_references")
-        stream = getattr(self.clip, "stream", None)
-        if stream is not None:
-            stream.seek(0)
-            head = stream.read(5)
-            stream.seek(0)
-            if head != b"data:":
-                path = getattr(stream, "name", None)
-                if not isinstance(path, str) or not os.path.exists(path):
-                    raise invalid
-                stream.flush()
-                if os.fstat(stream.fileno()).st_size > MAX_REFERENCE_BYTES:
-                    raise _too_large(self.name)
-                return path
-            raw = stream.read(MAX_REFERENCE_BYTES + 1)
-        else:
-            raw = str(self.clip).encode("utf-8", "replace")
-        if len(raw) > MAX_REFERENCE_BYTES:
-            raise _too_large(self.name)
-        match = _DATA_URL.match(raw)
-        if match is None or b";base64" not in (match.group(2) or b""):
-            raise invalid
-        try:
-            audio = base64.b64decode(raw[match.end():].strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise invalid from None
-        if not audio:
-            raise invalid
-        self.temp = tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="whisper-reference-")  # noqa: SIM115
-        self.temp.write(audio)
-        self.temp.flush()
-        return self.temp.name
-
-    def __exit__(self, *exc) -> None:
-        if self.temp is not None:
-            self.temp.close()
+    invalid = ApiError(400, "invalid_speaker_reference",
+                       f"the reference clip of {name!r} must be an audio file part or a data URL "
+                       "(data:audio/wav;base64,...)", param="known_speaker_references")
+    stream = getattr(clip, "stream", None)
+    if stream is None:  # a plain field (an upload grant's): text
+        raw = str(clip).encode("utf-8", "replace")
+    else:
+        stream.seek(0)
+        head = stream.read(5)
+        stream.seek(0)
+        if head != b"data:":
+            path = getattr(stream, "name", None)
+            if not isinstance(path, str) or not os.path.exists(path):
+                raise invalid
+            stream.flush()
+            if os.fstat(stream.fileno()).st_size > MAX_REFERENCE_BYTES:
+                raise _too_large(name)
+            yield path
+            return
+        raw = stream.read(MAX_REFERENCE_BYTES + 1)
+    if len(raw) > MAX_REFERENCE_BYTES:
+        raise _too_large(name)
+    match = _DATA_URL.match(raw)
+    if match is None or b";base64" not in (match.group(2) or b""):
+        raise invalid
+    try:
+        audio = base64.b64decode(raw[match.end():].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid from None
+    if not audio:
+        raise invalid
+    with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="whisper-reference-") as decoded:
+        decoded.write(audio)
+        decoded.flush()
+        yield decoded.name
 
 
 def _too_large(name: str) -> ApiError:
