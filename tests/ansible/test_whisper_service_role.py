@@ -194,3 +194,47 @@ def test_the_service_reads_back_the_rendered_environment(tmp_path):
     env = read_env_file(tmp_path / "environment")
     assert env["WHISPER_MODEL_LABEL"] == odd and env["WHISPER_LANGUAGE"] == "en"
     assert env["WHISPER_HOST"] == "127.0.0.1"
+
+
+# --- Speaker diarization: off by default; on, it needs the ONNX model from the controller ---
+
+def speaker_model_dir(tmp_path):
+    path = tmp_path / "ge2e"
+    path.mkdir()
+    (path / "ge2e.onnx").write_bytes(b"onnx")
+    (path / "SHA256SUMS").write_text("0" * 64 + "  ge2e.onnx\n")
+    return str(path)
+
+
+def test_preflight_wants_the_speaker_model_with_diarization(tmp_path):
+    passed(preflight(tmp_path))  # off by default: nothing to ship
+    out = failed(preflight(tmp_path, {"whisper_service_diarization": True}))
+    assert "whisper_service_diarization=true needs the ONNX speaker-embedding model from the controller" in out
+    out = failed(preflight(tmp_path, {"whisper_service_diarization": True,
+                                      "whisper_service_diarization_model_src": str(tmp_path / "absent")}))
+    assert "whisper_service_diarization_model_src must be a directory holding ge2e.onnx" in out
+    passed(preflight(tmp_path, {"whisper_service_diarization": True,
+                                "whisper_service_diarization_model_src": speaker_model_dir(tmp_path)}))
+
+
+@pytest.mark.parametrize("deployment", ["systemd", "container"])
+def test_the_environment_turns_diarization_on_with_the_shipped_model(tmp_path, deployment):
+    sys.path.insert(0, str(ROOT / "service" / "src"))
+    try:
+        from pilotys_whisper.cli import read_env_file
+    finally:
+        sys.path.remove(str(ROOT / "service" / "src"))
+    off = tmp_path / "off.env"
+    off.write_text(render("whisper_service", "environment.j2", tmp_path, {"whisper_service_deployment": deployment}))
+    assert read_env_file(off)["WHISPER_DIARIZATION"] == "false" and read_env_file(off)["WHISPER_DIARIZATION_MODEL"] == ""
+    on = tmp_path / "on.env"
+    on.write_text(render("whisper_service", "environment.j2", tmp_path,
+                         {"whisper_service_deployment": deployment, "whisper_service_diarization": True}))
+    env = read_env_file(on)
+    assert env["WHISPER_DIARIZATION"] == "true"
+    expected = ("/models/diarization" if deployment == "container" else "/opt/whisper-service/models/diarization")
+    assert env["WHISPER_DIARIZATION_MODEL"] == expected + "/ge2e.onnx"
+    if deployment == "container":  # the same directory is mounted there
+        unit = render("whisper_service", "whisper-service-container.service.j2", tmp_path,
+                      {**CONTAINER, "whisper_service_diarization": True})
+        assert "--volume /opt/whisper-service/models/diarization:/models/diarization:ro" in unit

@@ -14,7 +14,39 @@ import { WhisperError, errorFrom, type UploadGrant } from "./upload.js";
 export { WhisperError, uploadWithGrant, type UploadGrant } from "./upload.js";
 
 export type JobStatus = "queued" | "running" | "succeeded" | "failed" | "cancelled";
-export type ResultFormat = "json" | "text" | "srt" | "vtt" | "verbose_json";
+export type ResultFormat = "json" | "text" | "srt" | "vtt" | "verbose_json" | "diarized_json";
+
+/** One speaker's total talk time in a diarized transcript (seconds). */
+export interface SpeakerTime {
+  speaker: string;
+  duration: number;
+}
+
+/** A segment of `verbose_json`; `speaker` when the job was diarized ("A", "B"... or a known speaker's name). */
+export interface Segment {
+  id: number;
+  start: number;
+  end: number;
+  text: string;
+  speaker?: string;
+}
+
+export interface VerboseTranscript {
+  task: "transcribe" | "translate";
+  language: string | null;
+  duration: number;
+  text: string;
+  segments: Segment[];
+}
+
+/** `diarized_json`, OpenAI's shape (gpt-4o-transcribe-diarize). */
+export interface DiarizedTranscript {
+  task: "transcribe" | "translate";
+  duration: number;
+  text: string;
+  segments: Array<{ type: "transcript.text.segment"; id: string; start: number; end: number; text: string; speaker: string }>;
+  usage: { type: "duration"; seconds: number };
+}
 
 export interface Job {
   id: string;
@@ -31,6 +63,8 @@ export interface Job {
   error: { code: string; message: string } | null;
   webhook: { url: string; status: string; attempts: Array<Record<string, unknown>> } | null;
   links: { self: string; result: string; cancel: string };
+  /** A succeeded diarized job's speakers and their talk time, in order of first appearance (in GET /v1/jobs/{id} and the webhook). */
+  speakers?: SpeakerTime[];
 }
 
 export interface WebhookEvent {
@@ -57,6 +91,26 @@ export interface SubmitOptions {
   callbackUrl?: string;
   /** Same key on a retried upload: the server returns the job it already has instead of a second one. */
   idempotencyKey?: string;
+  /** Who said what: each segment gets its speaker (the server must have diarization turned on). */
+  diarize?: boolean;
+  /** With diarize: the exact number of speakers, or bounds on it (1-32); estimated when absent. */
+  numSpeakers?: number;
+  minSpeakers?: number;
+  maxSpeakers?: number;
+  /** With diarize: up to 4 known voices, each a 1-30 s clip of that person speaking, named in the transcript. */
+  knownSpeakers?: Array<{ name: string; reference: Blob }>;
+}
+
+function appendSpeakerOptions(form: FormData, options: Omit<SubmitOptions, "filename">): void {
+  if (!options.diarize) return;
+  form.append("diarize", "true");
+  if (options.numSpeakers !== undefined) form.append("num_speakers", String(options.numSpeakers));
+  if (options.minSpeakers !== undefined) form.append("min_speakers", String(options.minSpeakers));
+  if (options.maxSpeakers !== undefined) form.append("max_speakers", String(options.maxSpeakers));
+  for (const { name, reference } of options.knownSpeakers ?? []) {
+    form.append("known_speaker_names[]", name);
+    form.append("known_speaker_references[]", reference, `${name}.audio`);
+  }
 }
 
 export function configFromEnv(env: NodeJS.ProcessEnv = process.env): WhisperConfig {
@@ -93,14 +147,15 @@ export async function submitJob(
   if (options.responseFormat) form.append("response_format", options.responseFormat);
   if (options.wordTimestamps) form.append("timestamp_granularities[]", "word");
   if (options.callbackUrl) form.append("callback_url", options.callbackUrl);
+  appendSpeakerOptions(form, options);
   const headers: Record<string, string> = {};
   if (options.idempotencyKey) headers["Idempotency-Key"] = options.idempotencyKey;
   const response = await call(config, "/v1/jobs", { method: "POST", body: form, headers });
   return (await response.json()) as Job;
 }
 
-/** The job's options, fixed by the grant (the browser names only the file). */
-export interface GrantOptions extends Omit<SubmitOptions, "filename"> {
+/** The job's options, fixed by the grant (the browser names only the file; no known speakers' clips in a grant). */
+export interface GrantOptions extends Omit<SubmitOptions, "filename" | "knownSpeakers"> {
   /** Seconds the grant stays valid (60-3600; the server's default is 900). */
   expiresIn?: number;
 }
@@ -118,6 +173,10 @@ export async function createUploadGrant(
     callback_url: options.callbackUrl,
     idempotency_key: options.idempotencyKey,
     expires_in: options.expiresIn,
+    diarize: options.diarize || undefined,
+    num_speakers: options.diarize ? options.numSpeakers : undefined,
+    min_speakers: options.diarize ? options.minSpeakers : undefined,
+    max_speakers: options.diarize ? options.maxSpeakers : undefined,
   };
   const response = await call(config, "/v1/uploads", {
     method: "POST",
@@ -215,11 +274,14 @@ export async function readWebhook(request: Request, secret: string): Promise<Web
 export function createUploadGrantHandler({
   callbackUrl,
   language = "fr",
+  diarize = false,
   authorize,
   config,
 }: {
   callbackUrl?: string;
   language?: string;
+  /** Meetings come back with their speakers (the server must have diarization on). */
+  diarize?: boolean;
   authorize?: (request: Request) => Promise<boolean>;
   config?: WhisperConfig;
 } = {}) {
@@ -234,7 +296,7 @@ export function createUploadGrantHandler({
     if (typeof meetingId !== "string" || !meetingId) return jsonResponse({ error: "meetingId is required" }, 400);
     try {
       // One job per meeting, however many times the browser asks for a grant and uploads.
-      const grant = await createUploadGrant({ language, callbackUrl, idempotencyKey: `meeting-${meetingId}` },
+      const grant = await createUploadGrant({ language, callbackUrl, diarize, idempotencyKey: `meeting-${meetingId}` },
         config ?? configFromEnv());
       return jsonResponse(grant, 201);
     } catch (error) {
@@ -251,8 +313,9 @@ export function createUploadGrantHandler({
 export function createUploadHandler({
   callbackUrl,
   language = "fr",
+  diarize = false,
   config,
-}: { callbackUrl?: string; language?: string; config?: WhisperConfig } = {}) {
+}: { callbackUrl?: string; language?: string; diarize?: boolean; config?: WhisperConfig } = {}) {
   return async function POST(request: Request): Promise<Response> {
     const form = await request.formData();
     const file = form.get("file");
@@ -267,6 +330,7 @@ export function createUploadHandler({
           filename: "name" in file && typeof file.name === "string" ? file.name : "meeting.webm",
           language,
           callbackUrl,
+          diarize,
           // A retried upload of the same meeting must not start a second transcription.
           idempotencyKey: typeof meetingId === "string" && meetingId ? `meeting-${meetingId}` : undefined,
         },
@@ -288,7 +352,7 @@ export function createWebhookHandler({
   config,
 }: {
   secret: string;
-  onSucceeded: (job: Job, result: { text: string; language: string | null; segments: unknown[] }) => Promise<void>;
+  onSucceeded: (job: Job, result: VerboseTranscript) => Promise<void>;
   onFailed?: (job: Job) => Promise<void>;
   config?: WhisperConfig;
 }) {
@@ -301,13 +365,70 @@ export function createWebhookHandler({
       return jsonResponse({ error: "malformed webhook" }, 400);
     }
     if (event.type === "job.succeeded") {
-      const result = JSON.parse(await getResult(event.data.id, "verbose_json", config ?? configFromEnv()));
+      const result = JSON.parse(await getResult(event.data.id, "verbose_json", config ?? configFromEnv())) as VerboseTranscript;
       await onSucceeded(event.data, result);
     } else {
       await onFailed?.(event.data);
     }
     return new Response(null, { status: 204 });
   };
+}
+
+/** One speaker's turn in the minutes: consecutive segments of the same speaker, joined. */
+export interface Turn {
+  speaker: string;
+  start: number;
+  end: number;
+  text: string;
+}
+
+/** A diarized transcript's segments as turns: a new turn each time the speaker changes. */
+export function turnsBySpeaker(segments: ReadonlyArray<Pick<Segment, "start" | "end" | "text" | "speaker">>): Turn[] {
+  const turns: Turn[] = [];
+  for (const segment of segments) {
+    const text = segment.text.trim();
+    if (!text) continue;
+    const speaker = segment.speaker ?? "?";
+    const last = turns.at(-1);
+    if (last && last.speaker === speaker) {
+      last.end = segment.end;
+      last.text += ` ${text}`;
+    } else {
+      turns.push({ speaker, start: segment.start, end: segment.end, text });
+    }
+  }
+  return turns;
+}
+
+function clock(seconds: number): string {
+  const total = Math.max(0, Math.floor(seconds));
+  const h = Math.floor(total / 3600);
+  const mm = String(Math.floor((total % 3600) / 60)).padStart(2, "0");
+  const ss = String(total % 60).padStart(2, "0");
+  return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
+}
+
+/**
+ * Meeting minutes by speaker, in Markdown: who spoke how long, then each turn with its time and speaker.
+ * `names` renames the server's labels ("A" -> "Claire") when PILOTYS knows who is who.
+ */
+export function renderMinutes(
+  transcript: { segments: ReadonlyArray<Pick<Segment, "start" | "end" | "text" | "speaker">> },
+  speakers: ReadonlyArray<SpeakerTime> = [],
+  names: Readonly<Record<string, string>> = {},
+): string {
+  const name = (label: string) => names[label] ?? label;
+  const lines: string[] = [];
+  if (speakers.length) {
+    lines.push("## Participants", "");
+    for (const { speaker, duration } of speakers) lines.push(`- ${name(speaker)}: ${clock(duration)}`);
+    lines.push("");
+  }
+  lines.push("## Transcript", "");
+  for (const turn of turnsBySpeaker(transcript.segments)) {
+    lines.push(`**${name(turn.speaker)}** (${clock(turn.start)}): ${turn.text}`, "");
+  }
+  return lines.join("\n");
 }
 
 /** The server's refusal, passed on to PILOTYS's caller (its own failures as 502). */

@@ -16,12 +16,15 @@ import {
   createUploadHandler,
   createWebhookHandler,
   getResult,
+  renderMinutes,
   submitJob,
+  turnsBySpeaker,
   uploadWithGrant,
   verifyWebhookSignature,
   waitForJob,
   type Job,
   type UploadGrant,
+  type VerboseTranscript,
   type WhisperConfig,
 } from "../src/whisper.js";
 
@@ -39,7 +42,8 @@ let serviceLog = "";
 let receiver: Server;
 let config: WhisperConfig;
 let callbackUrl: string;
-const delivered: Array<{ job: Job; text: string }> = [];
+const delivered: Array<{ job: Job; text: string; result: VerboseTranscript }> = [];
+const PYTHON = process.env.WHISPER_SERVICE_PYTHON ?? "python3";
 
 function recording(name = "fr_meeting.webm"): Blob {
   return new Blob([readFileSync(join(ASSETS, "audio", name))], { type: "audio/webm" });
@@ -73,7 +77,7 @@ before(async () => {
 
   const port = await freePort();
   config = { apiUrl: `http://127.0.0.1:${port}`, apiKey: KEY };
-  service = spawn(process.env.WHISPER_SERVICE_PYTHON ?? "python3", ["-m", "pilotys_whisper", "serve"], {
+  service = spawn(PYTHON, ["-m", "pilotys_whisper", "serve"], {
     env: {
       ...process.env,
       PYTHONPATH: join(ROOT, "service", "src"),
@@ -85,6 +89,9 @@ before(async () => {
       WHISPER_WEBHOOK_CA_FILE: join(work, "hook.crt"),
       WHISPER_WEBHOOK_BACKOFF_S: "1",
       WHISPER_CORS_ORIGINS: ORIGIN,
+      // Speakers, with the ONNX speaker model `make assets` builds.
+      WHISPER_DIARIZATION: "true",
+      WHISPER_DIARIZATION_MODEL: join(ASSETS, "models", "ge2e", "ge2e.onnx"),
     },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -100,7 +107,7 @@ before(async () => {
     secret: SECRET,
     config,
     async onSucceeded(job, result) {
-      delivered.push({ job, text: result.text });
+      delivered.push({ job, text: result.text, result });
     },
   });
   receiver = createHttpsServer(
@@ -201,6 +208,45 @@ describe("PILOTYS with pilotys-whisper", () => {
     await cancelJob(job.id, config);
     const done = await waitForJob(job.id, { intervalMs: 200 }, config);
     assert.equal(done.status, "cancelled");
+  });
+
+  it("renders the minutes of a diarized meeting by speaker, from the webhook", async () => {
+    // Three synthesized French voices (service/tests/speakers.py, shared with the service's tests).
+    const wav = join(work, "three_speakers.wav");
+    execFileSync(PYTHON, ["-c", "import sys; from pathlib import Path; from speakers import three_speakers, write_wav; "
+      + "write_wav(Path(sys.argv[1]), three_speakers().audio)", wav],
+      { env: { ...process.env, PYTHONPATH: join(ROOT, "service", "tests") } });
+    const audio = new Blob([readFileSync(wav)], { type: "audio/wav" });
+    const job = await submitJob(audio, { filename: "comite.wav", diarize: true, callbackUrl }, config);
+    // A guard against a job that never ends (generous: a loaded machine), not a speed check.
+    const got = await until("the webhook", async () => delivered.find((d) => d.job.id === job.id), 1_200_000);
+    assert.equal(got.job.status, "succeeded");
+    const speakers = got.job.speakers ?? [];
+    assert.equal(speakers.length, 3, JSON.stringify(speakers));
+    assert.ok(got.result.segments.length > 0 && got.result.segments.every((s) => typeof s.speaker === "string"));
+    const minutes = renderMinutes(got.result, speakers, { A: "Claire" });
+    assert.match(minutes, /^## Participants\n\n- Claire: 00:\d\d\n/);
+    assert.match(minutes, /\*\*Claire\*\* \(00:00\): \S/); // the first turn is hers (the words are Whisper base's)
+    for (const { speaker } of speakers.slice(1)) assert.match(minutes, new RegExp(`\\*\\*${speaker}\\*\\* \\(`));
+    const diarized = JSON.parse(await getResult(job.id, "diarized_json", config));
+    assert.equal(diarized.segments[0].type, "transcript.text.segment");
+  });
+
+  it("joins a speaker's consecutive segments into one turn", () => {
+    const turns = turnsBySpeaker([
+      { start: 0, end: 2, text: " Bonjour.", speaker: "A" },
+      { start: 2, end: 4, text: " On commence.", speaker: "A" },
+      { start: 4, end: 5, text: " D'accord.", speaker: "B" },
+      { start: 5, end: 6, text: "  ", speaker: "B" },
+      { start: 6, end: 9, text: " Premier point.", speaker: "A" },
+    ]);
+    assert.deepEqual(turns, [
+      { speaker: "A", start: 0, end: 4, text: "Bonjour. On commence." },
+      { speaker: "B", start: 4, end: 5, text: "D'accord." },
+      { speaker: "A", start: 6, end: 9, text: "Premier point." },
+    ]);
+    assert.equal(renderMinutes({ segments: [{ start: 61, end: 62, text: "Oui.", speaker: "B" }] }, [], { B: "Marc" }),
+      "## Transcript\n\n**Marc** (01:01): Oui.\n");
   });
 
   it("rejects forged, altered and stale webhooks", async () => {

@@ -18,7 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, forms, grants
+from . import __version__, forms, grants, speakers
 from .admission import Admission
 from .audio import probe, too_long
 from .auth import KeyRing, Principal
@@ -93,11 +93,17 @@ class ServiceState:
     draining: threading.Event = field(default_factory=threading.Event)
     load_error: str | None = None
     jobs: object | None = None  # JobManager when WHISPER_STATE_DIR is set
+    diarizer: object | None = None  # diarization.Diarizer when WHISPER_DIARIZATION is on, once loaded
 
     def load_model(self, on_error: Callable[[BaseException], None] | None = None) -> None:
         started = time.monotonic()
         try:
             self.engine.load()
+            if self.settings.diarization:
+                from .diarization import Diarizer
+
+                self.diarizer = Diarizer.load(model_path=self.settings.diarization_model,
+                                              threads=self.settings.cpu_threads)
         except BaseException as exc:  # noqa: BLE001 - reported, then the caller decides
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.settings.model_label, self.load_error)
@@ -106,7 +112,8 @@ class ServiceState:
             return
         self.metrics.ready.set(1)
         self.ready.set()
-        log.info("ready: model %s loaded in %.1f s", self.settings.model_label, time.monotonic() - started)
+        log.info("ready: model %s loaded in %.1f s%s", self.settings.model_label, time.monotonic() - started,
+                 ", with speaker diarization" if self.diarizer is not None else "")
 
     def start_loading(self, on_error: Callable[[BaseException], None] | None = None) -> threading.Thread:
         thread = threading.Thread(target=self.load_model, args=(on_error,), name="model-loader", daemon=True)
@@ -317,7 +324,8 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     def health():
         return jsonify(status="ok", model=settings.model_label, engine=state.engine.name,
                        device=state.engine.device, ready=state.ready.is_set(), draining=state.draining.is_set(),
-                       in_flight=state.admission.running + state.admission.waiting, version=__version__)
+                       in_flight=state.admission.running + state.admission.waiting, version=__version__,
+                       diarization=_diarization_health(state))
 
     @app.get("/ready")
     def ready():
@@ -376,6 +384,14 @@ def _install_routes(app: Flask, state: ServiceState) -> None:
     @app.post("/v1/audio/translations")
     def translations():
         return _openai_route(state, task="translate")
+
+
+def _diarization_health(state: ServiceState) -> dict:
+    settings = state.settings
+    if not settings.diarization:
+        return {"enabled": False}
+    model = settings.diarization_model.name if settings.diarization_model is not None else "default"
+    return {"enabled": True, "loaded": state.diarizer is not None, "model": model}
 
 
 def _accepts_grants(app: Flask, method: str, path: str) -> bool:
@@ -440,6 +456,7 @@ class TranscriptionParams:
     response_format: str = "json"
     granularities: tuple[str, ...] = ("segment",)
     filename: str = ""
+    speakers: speakers.SpeakerOptions | None = None  # None: no diarization asked
 
     @classmethod
     def parse(cls, state: ServiceState, *, legacy: bool = False, task: str = "transcribe",
@@ -454,19 +471,30 @@ class TranscriptionParams:
         if upload is None:
             raise ApiError(400, "missing_file", "send the audio as a multipart/form-data field named 'file'",
                            param="file")
-        checked = FormFields.check(state, request.form if fields is None else fields)
+        form = request.form if fields is None else fields
+        # Reference clips come with the request itself, never from an upload grant's fixed fields.
+        clips = request.files if fields is None else None
+        checked = FormFields.check(state, form, clips)
         path, size = _saved_upload(upload, settings)
-        if require_ready:
-            state.require_ready()
+        if require_ready or checked.speaker_names:
+            state.require_ready()  # voice prints need the diarizer loaded
+        speaker_options = None
+        if checked.diarize:
+            prints = speakers.voice_prints(state.diarizer, list(checked.speaker_names),
+                                           speakers.reference_clips(form, request.files), request.upload_dir)
+            num, low, high = checked.speaker_counts
+            speaker_options = speakers.SpeakerOptions(num_speakers=num, min_speakers=low, max_speakers=high,
+                                                      references=prints)
         info = probe(path)
         if info.duration is not None and info.duration > settings.max_duration_s + 1:
             raise too_long(settings.max_duration_s)
         options = TranscribeOptions(
             language=checked.language, task=task, prompt=checked.prompt, temperature=checked.temperature,
-            word_timestamps="word" in checked.granularities and not legacy,
+            # Speakers are attributed word by word: a segment is split where the speaker changes.
+            word_timestamps=("word" in checked.granularities and not legacy) or checked.diarize,
             max_duration_s=settings.max_duration_s, duration_hint=info.duration)
         return cls(path=path, size=size, options=options, response_format=checked.response_format,
-                   granularities=checked.granularities, filename=upload.filename or "")
+                   granularities=checked.granularities, filename=upload.filename or "", speakers=speaker_options)
 
 
 @dataclass(frozen=True)
@@ -478,9 +506,12 @@ class FormFields:
     language: str | None
     temperature: float
     prompt: str | None
+    diarize: bool = False
+    speaker_counts: tuple[int | None, int | None, int | None] = (None, None, None)  # num, min, max
+    speaker_names: tuple[str, ...] = ()
 
     @classmethod
-    def check(cls, state: ServiceState, form) -> FormFields:
+    def check(cls, state: ServiceState, form, files=None) -> FormFields:
         response_format = form.get("response_format", "json").strip() or "json"
         if response_format not in RESPONSE_FORMATS:
             raise ApiError(400, "invalid_response_format",
@@ -500,9 +531,13 @@ class FormFields:
         prompt = form.get("prompt") or None
         if prompt is not None and len(prompt) > 4000:
             raise ApiError(400, "prompt_too_long", "prompt must be at most 4000 characters", param="prompt")
+        diarize = speakers.requested(form, response_format)
+        if diarize and not state.settings.diarization:
+            raise speakers.unavailable()
+        num, low, high, names = speakers.check_fields(form, files) if diarize else (None, None, None, [])
         return cls(response_format=response_format, granularities=granularities,
                    language=_language(state, form.get("language")), temperature=_temperature(form.get("temperature")),
-                   prompt=prompt)
+                   prompt=prompt, diarize=diarize, speaker_counts=(num, low, high), speaker_names=tuple(names))
 
 
 def _language(state: ServiceState, raw: str | None) -> str | None:
@@ -551,6 +586,8 @@ def run_transcription(state: ServiceState, params: TranscriptionParams):
         began = time.monotonic()
         try:
             result = state.engine.transcribe(params.path, params.options)
+            if params.speakers is not None:
+                result = speakers.label(state.diarizer, params.path, result, params.speakers)
         except ApiError:
             state.metrics.transcriptions.labels(outcome="rejected").inc()
             raise

@@ -1,13 +1,18 @@
-"""Render a transcription as the response formats of OpenAI's API, and as the original /transcribe body."""
+"""Render a transcription as the response formats of OpenAI's API, and as the original /transcribe body.
+
+A diarized transcription's segments each carry a speaker: JSON formats give it per segment, SRT and text open
+each speaker's turn with "[Name] ", WebVTT puts each cue in a voice span (<v Name>)."""
 
 from __future__ import annotations
 
 from .engines import Segment, Transcription
+from .speakers import totals as speaker_totals
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 CONTENT_TYPES = {
     "json": "application/json",
     "verbose_json": "application/json",
+    "diarized_json": "application/json",
     "text": "text/plain; charset=utf-8",
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
@@ -28,17 +33,67 @@ def _cue_text(segment: Segment) -> str:
     return "\n".join(lines).replace("-->", "->")
 
 
+def _speaker(segment: Segment) -> str | None:
+    return getattr(segment, "speaker", None)
+
+
+def _turns(segments) -> list[tuple[Segment, bool]]:
+    """The segments with text, each with whether it opens a speaker's turn (its speaker is not the previous one's)."""
+    out, previous = [], None
+    for seg in segments:
+        if not _cue_text(seg):
+            continue
+        speaker = _speaker(seg)
+        out.append((seg, speaker is not None and speaker != previous))
+        previous = speaker
+    return out
+
+
 def to_srt(result: Transcription) -> str:
     cues = []
-    for number, seg in enumerate((s for s in result.segments if _cue_text(s)), 1):
-        cues.append(f"{number}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{_cue_text(seg)}\n")
+    for number, (seg, opens_turn) in enumerate(_turns(result.segments), 1):
+        text = f"[{_speaker(seg)}] {_cue_text(seg)}" if opens_turn else _cue_text(seg)
+        cues.append(f"{number}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{text}\n")
     return "\n".join(cues)
 
 
+def _vtt_escape(text: str) -> str:
+    # In a WebVTT cue, & and < open an escape or a tag (and a voice's name may not hold >).
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def to_vtt(result: Transcription) -> str:
-    cues = [f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{_cue_text(s)}\n"
-            for s in result.segments if _cue_text(s)]
+    cues = []
+    for seg, _ in _turns(result.segments):
+        text = _vtt_escape(_cue_text(seg))
+        if _speaker(seg) is not None:  # every cue: a player shows the cues one at a time
+            text = f"<v {_vtt_escape(_speaker(seg))}>{text}"
+        cues.append(f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}\n{text}\n")
     return "WEBVTT\n\n" + "\n".join(cues)
+
+
+def to_text(result: Transcription) -> str:
+    """The plain text; with speakers, one line per turn, opened by "[Name] "."""
+    turns = _turns(result.segments)
+    if not any(_speaker(seg) for seg, _ in turns):
+        return result.text + "\n"
+    lines: list[str] = []
+    for seg, opens_turn in turns:
+        text = " ".join(_cue_text(seg).split())
+        if opens_turn or not lines:
+            lines.append(f"[{_speaker(seg)}] {text}")
+        else:
+            lines[-1] += " " + text
+    return "\n".join(lines) + "\n"
+
+
+def to_diarized_json(result: Transcription, task: str) -> dict:
+    """OpenAI's diarized_json (gpt-4o-transcribe-diarize): segments with type, id, speaker, start, end, text."""
+    segments = [{"type": "transcript.text.segment", "id": f"seg_{number}", "start": seg.start, "end": seg.end,
+                 "text": seg.text.strip(), "speaker": _speaker(seg)}
+                for number, seg in enumerate(s for s in result.segments if s.text.strip())]
+    return {"task": task, "duration": result.duration, "text": result.text, "segments": segments,
+            "usage": {"type": "duration", "seconds": result.duration}}
 
 
 def to_verbose_json(result: Transcription, task: str, words: bool, segments: bool = True) -> dict:
@@ -58,17 +113,23 @@ def to_verbose_json(result: Transcription, task: str, words: bool, segments: boo
 
 
 def to_legacy(result: Transcription) -> dict:
-    """The body of the original POST /transcribe, which PILOTYS already reads."""
-    return {
+    """The body of the original POST /transcribe, which PILOTYS already reads; a diarized one adds each
+    segment's "speaker" and the "speakers" with their talk time, and changes nothing else."""
+    body = {
         "text": result.text,
         "language": result.language,
         "duration": result.duration,
         "segments": [
             {"id": s.id, "start": s.start, "end": s.end, "text": s.text.strip(),
              "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob}
+            | ({"speaker": _speaker(s)} if _speaker(s) is not None else {})
             for s in result.segments
         ],
     }
+    speakers = speaker_totals(result)
+    if speakers is not None:
+        body["speakers"] = speakers
+    return body
 
 
 def render(result: Transcription, response_format: str, task: str = "transcribe",
@@ -77,11 +138,13 @@ def render(result: Transcription, response_format: str, task: str = "transcribe"
     if response_format == "json":
         return {"text": result.text}, CONTENT_TYPES["json"]
     if response_format == "text":
-        return result.text + "\n", CONTENT_TYPES["text"]
+        return to_text(result), CONTENT_TYPES["text"]
     if response_format == "srt":
         return to_srt(result), CONTENT_TYPES["srt"]
     if response_format == "vtt":
         return to_vtt(result), CONTENT_TYPES["vtt"]
+    if response_format == "diarized_json":
+        return to_diarized_json(result, task), CONTENT_TYPES["diarized_json"]
     return (to_verbose_json(result, task, words="word" in granularities, segments=True),
             CONTENT_TYPES["verbose_json"])
 

@@ -21,6 +21,9 @@ MAX_FIELDS_BODY_BYTES = 32 * 1024
 # The multipart decoder's own buffer: one read of the body (64 KB) and what is left of the previous one. A part's
 # headers must fit in it; the fields' data is bounded by MAX_FORM_FIELDS_BYTES.
 DECODER_BUFFER_BYTES = 2 * 64 * 1024
+# Fields that carry audio as text (OpenAI sends speaker reference clips as data URLs, hundreds of KB each): they
+# go to temporary files like file parts, outside MAX_FORM_FIELDS_BYTES, and come out in request.files.
+FIELDS_AS_FILES = frozenset({"known_speaker_references[]", "known_speaker_references"})
 
 
 def form_too_large() -> ApiError:
@@ -66,7 +69,10 @@ class BoundedMultiPartParser(MultiPartParser):
             decoder.receive_data(chunk or None)  # None: the end of the body
             event = decoder.next_event()
             while not isinstance(event, (Epilogue, NeedData)):
-                if isinstance(event, Field):
+                if isinstance(event, Field) and event.name in FIELDS_AS_FILES:
+                    part = File(name=event.name, filename="", headers=event.headers)
+                    sink = self.start_file_streaming(part, content_length)
+                elif isinstance(event, Field):
                     part, sink = event, []
                 elif isinstance(event, File):
                     part, sink = event, self.start_file_streaming(event, content_length)

@@ -30,8 +30,10 @@ from .errors import ApiError
 PREFIX = "wug1."
 DEFAULT_TTL_S = 900
 MAX_TTL_S = 3600
-# What a grant may fix: the same fields a client sends to POST /v1/jobs.
-FIELDS = ("language", "prompt", "response_format", "temperature", "timestamp_granularities[]", "callback_url")
+# What a grant may fix: the same fields a client sends to POST /v1/jobs. Known speakers' reference clips are
+# audio, too large for a token: a grant diarizes without them.
+FIELDS = ("language", "prompt", "response_format", "temperature", "timestamp_granularities[]", "callback_url",
+          "diarize", "num_speakers", "min_speakers", "max_speakers")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ def requested_fields(body: dict) -> dict[str, str | list[str]]:
         if name == "timestamp_granularities[]":
             items = value if isinstance(value, list) else [value]
             fields[name] = [str(v) for v in items]
+        elif isinstance(value, bool) and name == "diarize":
+            fields[name] = "true" if value else "false"
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             fields[name] = str(value)
         else:

@@ -30,7 +30,7 @@ from pathlib import Path
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 
-from . import grants
+from . import grants, speakers
 from .engines import Cancelled, Segment, TranscribeOptions, Transcription, Word
 from .errors import ApiError
 from .event_stream import StreamSlots, event_stream_response, job_events, last_event_id
@@ -306,6 +306,8 @@ class JobManager:
         self._check_free_space(params.size)
         job_id = "job_" + uuid.uuid4().hex
         options = {k: v for k, v in asdict(params.options).items() if k != "max_duration_s"}
+        if params.speakers is not None:  # the known speakers' voice prints, not their clips
+            options["speakers"] = params.speakers.as_json()
         try:
             with self.store.accept(job_id, params.path) as db:
                 if idempotency_key:
@@ -352,7 +354,7 @@ class JobManager:
         return jsonify(object="list", data=[self._view(r) for r in rows])
 
     def show(self, job_id: str):
-        return jsonify(self._view(self._owned(job_id)))
+        return jsonify(self._view(self._owned(job_id), with_speakers=True))
 
     def stream_events(self, job_id: str):
         """Server-Sent Events: the job's final segments, its progress and its outcome (event_stream.py)."""
@@ -396,6 +398,9 @@ class JobManager:
                            "it has succeeded", headers={"Retry-After": "5"} if row["status"] not in FINISHED else {})
         options = json.loads(row["options"])
         result = _load_result(row["result"])
+        if fmt == "diarized_json" and "speakers" not in options:
+            raise ApiError(400, "job_not_diarized", "the job was not diarized: submit it with diarize=true to get "
+                           "diarized_json", param="format")
         granularities = ("segment", "word") if options.get("word_timestamps") else ("segment",)
         body, content_type = render(result, fmt, options.get("task", "transcribe"), granularities)
         if isinstance(body, dict):
@@ -478,14 +483,16 @@ class JobManager:
             raise
         return target
 
-    def _view(self, row) -> dict:
+    def _view(self, row, *, with_speakers: bool = False) -> dict:
+        """The job as the API shows it; with_speakers adds a diarized job's speakers and their talk time (it
+        reads the result: for one job and its webhook, not for lists)."""
         job_id = row["id"]
         error = {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None
         webhook = None
         if row["callback_url"]:
             webhook = {"url": row["callback_url"], "status": row["webhook_status"],
                        "attempts": json.loads(row["webhook_attempts"])}
-        return {
+        view = {
             "id": job_id,
             "object": "transcription.job",
             "status": row["status"],
@@ -502,6 +509,10 @@ class JobManager:
             "links": {"self": f"/v1/jobs/{job_id}", "result": f"/v1/jobs/{job_id}/result",
                       "cancel": f"/v1/jobs/{job_id}"},
         }
+        if with_speakers and row["status"] == "succeeded" and row["result"] and \
+                "speakers" in json.loads(row["options"]):
+            view["speakers"] = speakers.totals(_load_result(row["result"])) or []
+        return view
 
     # -- running a job (called by the backend's workers) --------------------------------------------------
 
@@ -527,7 +538,9 @@ class JobManager:
     def run(self, row) -> str:
         """Transcribe a job begun by begin(); returns its new status ('queued' when the service is stopping)."""
         job_id, attempt = row["id"], row["attempts"]
-        options = TranscribeOptions(**json.loads(row["options"]), max_duration_s=self.settings.max_duration_s)
+        stored = json.loads(row["options"])
+        speaker_options = stored.pop("speakers", None)
+        options = TranscribeOptions(**stored, max_duration_s=self.settings.max_duration_s)
         last = {"at": 0.0, "progress": 0.0, "checked": time.monotonic()}
 
         def progress(done: float, total: float) -> None:
@@ -570,7 +583,15 @@ class JobManager:
         log.info("job %s running (attempt %d)", job_id, attempt)
         try:
             with self.state.admission.slot(bounded_queue=False), self.store.audio(job_id) as path:
-                result = self.state.engine.transcribe(path, options, progress, should_stop, on_segments=on_segments)
+                # A diarized job's segments are split and renumbered once its speakers are known: its stream
+                # gets them from the result, at the end, with their speakers.
+                live = on_segments if speaker_options is None else None
+                result = self.state.engine.transcribe(path, options, progress, should_stop, on_segments=live)
+                if speaker_options is not None:
+                    if self.state.diarizer is None:  # turned off since the job was accepted
+                        raise speakers.unavailable()
+                    result = speakers.label(self.state.diarizer, path, result,
+                                            speakers.SpeakerOptions.from_json(speaker_options))
         except _Shutdown:
             self.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND attempts = ?", (job_id, attempt))
             log.info("job %s back in the queue: the service is stopping", job_id)
@@ -688,7 +709,7 @@ class JobManager:
             # The same event on every attempt and from every worker (as Stripe's webhooks): receivers deduplicate
             # on its id.
             event = {"id": event_id(row["id"], event_type), "type": event_type,
-                     "created_at": _iso(row["finished_at"]), "data": self._view(row)}
+                     "created_at": _iso(row["finished_at"]), "data": self._view(row, with_speakers=True)}
             body = json.dumps(event).encode()
             try:
                 status = self.policy.deliver(row["callback_url"], principal.webhook_secret, body, event["id"])

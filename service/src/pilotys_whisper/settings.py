@@ -85,6 +85,8 @@ class Settings:
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 6
     webhook_backoff_s: float = 10.0
+    diarization: bool = False  # speaker diarization (the [diarization] extra), loaded at start-up when on
+    diarization_model: Path | None = None  # an ONNX speaker-embedding model; None: the packaged default
 
     @property
     def max_upload_bytes(self) -> int:
@@ -176,6 +178,8 @@ class Settings:
             webhook_timeout_s=float(r.integer("WHISPER_WEBHOOK_TIMEOUT_S", 10, 1, 120)),
             webhook_max_attempts=r.integer("WHISPER_WEBHOOK_MAX_ATTEMPTS", 6, 1, 20),
             webhook_backoff_s=float(r.integer("WHISPER_WEBHOOK_BACKOFF_S", 10, 1, 3600)),
+            diarization=r.boolean("WHISPER_DIARIZATION", False),
+            diarization_model=r.path("WHISPER_DIARIZATION_MODEL"),
         )
         r.raise_errors()
         least = settings.concurrency + settings.queue_size + 1 + settings.stream_threads
@@ -201,6 +205,9 @@ class Settings:
                 checkpoint_in(Path(settings.model))
             except ValueError as exc:
                 raise SettingsError(f"WHISPER_MODEL={settings.model} (WHISPER_ENGINE=openai-whisper): {exc}") from None
+        if settings.diarization_model is not None and not settings.diarization_model.is_file():
+            raise SettingsError(f"WHISPER_DIARIZATION_MODEL={settings.diarization_model} is not a readable file "
+                                "(an ONNX speaker-embedding model)")
         if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
             raise SettingsError(f"WHISPER_API_KEYS_FILE={settings.api_keys_file} is not a readable file")
         if settings.auth_enabled:

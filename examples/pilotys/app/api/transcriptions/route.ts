@@ -6,6 +6,8 @@ import { createUploadGrantHandler } from "../../../src/whisper.js";
 export const POST = createUploadGrantHandler({
   callbackUrl: process.env.WHISPER_CALLBACK_URL, // e.g. https://app.pilotys.fr/api/whisper-webhook
   language: "fr",
+  // Minutes by speaker (the webhook route renders them): the server needs whisper_service_diarization: true.
+  diarize: true,
   // A grant spends the server's time: keep this route behind PILOTYS's session check (its middleware, or an
   // `authorize: async (request) => ...` option here).
 });
