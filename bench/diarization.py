@@ -40,9 +40,9 @@ CACHE = Path(os.environ.get("PILOTYS_WHISPER_CACHE") or Path.home() / ".cache" /
 MB = 1024 * 1024
 SERVICE_SRC = Path(os.environ.get("DIARIZATION_SERVICE_SRC") or ROOT / "service" / "src")  # set by --service-src
 sys.path[:0] = [str(HERE), str(SERVICE_SRC), str(ROOT / "service" / "tests")]
-from speakers import words_of  # noqa: E402 - the corpus's own word splitting, for both sides
-
 import diar_corpus  # noqa: E402 - beside this file
+
+from speakers import words_of  # noqa: E402 - the corpus's own word splitting, for both sides
 
 COLLARS = {"none": 0.0, "0.25": 0.5}  # NIST's ±0.25 s is pyannote's collar=0.5 (it takes the whole width)
 GOAL_DER = {"0.25": 0.05, "none": 0.10}
