@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+import yaml
 from local_play import ROOT, recap, render, run_role_tasks
 
 CONTAINER = {"whisper_service_deployment": "container"}
@@ -194,3 +195,22 @@ def test_the_service_reads_back_the_rendered_environment(tmp_path):
     env = read_env_file(tmp_path / "environment")
     assert env["WHISPER_MODEL_LABEL"] == odd and env["WHISPER_LANGUAGE"] == "en"
     assert env["WHISPER_HOST"] == "127.0.0.1"
+
+
+# --- Key rotation: the service re-reads the keys file, nothing restarts it ---
+
+def test_the_unit_reads_the_keys_file_in_place_through_a_group(tmp_path):
+    unit = render("whisper_service", "whisper-service.service.j2", tmp_path)
+    assert "LoadCredential=api-keys" not in unit  # a copy taken at start: every rotation would need a restart
+    assert "SupplementaryGroups=whisper-service-keys\n" in unit
+    assert "Environment=WHISPER_API_KEYS_FILE=/etc/whisper-service/keys/api-keys\n" in unit
+    assert "DynamicUser=yes\n" in unit and "ProtectSystem=strict\n" in unit
+
+
+def test_a_change_of_keys_notifies_no_restart():
+    tasks = yaml.safe_load((ROOT / "roles" / "whisper_service" / "tasks" / "configure.yml").read_text())
+    keys_file = next(t for t in tasks if t.get("ansible.builtin.template", {}).get("src") == "api-keys.j2")
+    assert "notify" not in keys_file
+    assert (keys_file["ansible.builtin.template"]["group"], keys_file["ansible.builtin.template"]["mode"]) == (
+        "{{ _whisper_service_keys_group }}", "0640")
+    assert keys_file["no_log"] is True and keys_file["diff"] is False
