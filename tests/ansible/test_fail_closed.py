@@ -122,3 +122,25 @@ def test_the_queue_refuses_to_listen_on_a_public_address(tmp_path):
         "job_queue_listen_address": "203.0.113.10", "job_queue_clients": ["10.0.0.2"]})
     assert done.returncode != 0 and "is not a private address" in done.stdout, done.stdout
     assert "Install PostgreSQL" not in done.stdout
+
+
+ACME = {"caddy_tls_mode": "acme", "caddy_acme_email": "ops@example.com", "firewall_clients_allowed": ["any"]}
+
+
+def test_hosts_sharing_one_acme_name_are_refused(tmp_path):
+    """Two hosts asking Let's Encrypt for one name: only the host the name points to passes the challenge."""
+    done = run_role_tasks("caddy", "preflight", tmp_path, ACME, hosts={
+        "whisper-1": {"caddy_site_address": "whisper.example.com"},
+        "whisper-2": {"caddy_site_address": "whisper.example.com"}})
+    assert done.returncode != 0, done.stdout
+    assert "caddy_site_address whisper.example.com is also the name of whisper-2" in done.stdout
+    assert "Set caddy_site_address per host in hosts.yml" in done.stdout
+
+
+@pytest.mark.parametrize("mode", ["acme", "internal"])
+def test_hosts_with_names_of_their_own_pass(tmp_path, mode):
+    names = ({"whisper-1": "whisper-1.example.com", "whisper-2": "whisper-2.example.com"} if mode == "acme"
+             else {"whisper-1": "10.66.1.2", "whisper-2": "10.66.2.2"})
+    done = run_role_tasks("caddy", "preflight", tmp_path, {**ACME, "caddy_tls_mode": mode},
+                          hosts={host: {"caddy_site_address": name} for host, name in names.items()})
+    assert done.returncode == 0, done.stdout + done.stderr
