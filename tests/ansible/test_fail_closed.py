@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,3 +145,28 @@ def test_hosts_with_names_of_their_own_pass(tmp_path, mode):
     done = run_role_tasks("caddy", "preflight", tmp_path, {**ACME, "caddy_tls_mode": mode},
                           hosts={host: {"caddy_site_address": name} for host, name in names.items()})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_production_cluster_example_talks_over_private_addresses_only():
+    """inventories/production-cluster: the queue listens on, the workers dial and the gateway proxies to private
+    addresses only; the public name is the gateway's alone."""
+    wanted = ("[caddy_site_address | default(''), caddy_tls_mode | default(''), job_queue_listen_address | default(''),"
+              " job_queue_clients | default([]), caddy_upstreams | default([]),"
+              " whisper_service_job_database_host | default('')]")
+    done = subprocess.run(
+        [str(Path(ANSIBLE_PLAYBOOK).parent / "ansible"), "-i", str(ROOT / "inventories" / "production-cluster"), "all",
+         "-m", "ansible.builtin.debug", "-a", f"msg={{{{ {wanted} }}}}", "-e", "cluster_queue_password=unused"],
+        capture_output=True, text=True, check=False, cwd=ROOT,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+             "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = {host: result["msg"] for host, result in json.loads(done.stdout)["plays"][0]["tasks"][0]["hosts"].items()}
+    private = _job_queue_filters().job_queue_private_address
+    site, mode, listen, clients, upstreams, database = seen["whisper-queue"]
+    assert private(listen) and clients and all(map(private, clients)), seen
+    site, mode, listen, clients, upstreams, database = seen["whisper-gw"]
+    assert (site, mode) == ("whisper.example.com", "acme") and upstreams, seen
+    assert all(private(u.rsplit(":", 1)[0]) for u in upstreams), seen
+    for worker in ("whisper-w1", "whisper-w2"):
+        site, mode, listen, clients, upstreams, database = seen[worker]
+        assert private(site) and mode == "internal" and private(database), seen
