@@ -170,3 +170,33 @@ def test_the_production_cluster_example_talks_over_private_addresses_only():
     for worker in ("whisper-w1", "whisper-w2"):
         site, mode, listen, clients, upstreams, database = seen[worker]
         assert private(site) and mode == "internal" and private(database), seen
+
+
+def apt_value(tmp_path, rendered: str, name: str) -> str:
+    conf = tmp_path / "apt.conf"
+    conf.write_text(rendered)
+    done = subprocess.run(["apt-config", "-c", str(conf), "shell", "VALUE", name], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip().removeprefix("VALUE=").strip("'")
+
+
+def test_no_automatic_reboot_unless_asked_for(tmp_path):
+    rendered = render("base", "52unattended-upgrades-security.j2", tmp_path)
+    assert apt_value(tmp_path, rendered, "Unattended-Upgrade::Automatic-Reboot") == "false"
+
+
+def test_the_opt_in_reboot_window_as_apt_reads_it(tmp_path):
+    rendered = render("base", "52unattended-upgrades-security.j2", tmp_path, {
+        "base_unattended_upgrades_reboot": True, "base_unattended_upgrades_reboot_time": "03:30"})
+    assert apt_value(tmp_path, rendered, "Unattended-Upgrade::Automatic-Reboot") == "true"
+    assert apt_value(tmp_path, rendered, "Unattended-Upgrade::Automatic-Reboot-Time") == "03:30"
+    assert apt_value(tmp_path, rendered, "Unattended-Upgrade::Automatic-Reboot-WithUsers") == "true"
+
+
+@pytest.mark.parametrize("time_of_day", ["4:00", "24:00", "04:60", "now", "04:00am"])
+def test_a_reboot_time_that_is_not_a_time_of_day_is_refused(tmp_path, time_of_day):
+    # The controller's own facts (Debian 12) for the release check before it.
+    done = run_play([{"name": "Gather", "ansible.builtin.setup": {"gather_subset": ["min"]}},
+                     {"name": "Check", "ansible.builtin.include_role": {"name": "base", "tasks_from": "preflight"}}],
+                    tmp_path, {"base_unattended_upgrades_reboot_time": time_of_day})
+    assert done.returncode != 0 and "base_unattended_upgrades_reboot_time a time of day" in done.stdout, done.stdout
