@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_INVENTORY = str(Path(sys.executable).parent / "ansible-inventory")
 PROJECT_VARS = ROOT / "group_vars" / "all" / "main.yml"
 INVENTORIES = [ROOT / "inventories" / "local", ROOT / "inventories" / "production",
+               ROOT / "inventories" / "production-cluster",
                ROOT / "molecule" / "default" / "inventory" / "hosts.yml",
                ROOT / "molecule" / "cluster" / "inventory" / "hosts.yml"]
 

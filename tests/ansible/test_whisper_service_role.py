@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+import yaml
 from local_play import ROOT, recap, render, run_role_tasks
 
 CONTAINER = {"whisper_service_deployment": "container"}
@@ -238,3 +239,22 @@ def test_the_environment_turns_diarization_on_with_the_shipped_model(tmp_path, d
         unit = render("whisper_service", "whisper-service-container.service.j2", tmp_path,
                       {**CONTAINER, "whisper_service_diarization": True})
         assert "--volume /opt/whisper-service/models/diarization:/models/diarization:ro" in unit
+
+
+# --- Key rotation: the service re-reads the keys file, nothing restarts it ---
+
+def test_the_unit_reads_the_keys_file_in_place_through_a_group(tmp_path):
+    unit = render("whisper_service", "whisper-service.service.j2", tmp_path)
+    assert "LoadCredential=api-keys" not in unit  # a copy taken at start: every rotation would need a restart
+    assert "SupplementaryGroups=whisper-service-keys\n" in unit
+    assert "Environment=WHISPER_API_KEYS_FILE=/etc/whisper-service/keys/api-keys\n" in unit
+    assert "DynamicUser=yes\n" in unit and "ProtectSystem=strict\n" in unit
+
+
+def test_a_change_of_keys_notifies_no_restart():
+    tasks = yaml.safe_load((ROOT / "roles" / "whisper_service" / "tasks" / "configure.yml").read_text())
+    keys_file = next(t for t in tasks if t.get("ansible.builtin.template", {}).get("src") == "api-keys.j2")
+    assert "notify" not in keys_file
+    assert (keys_file["ansible.builtin.template"]["group"], keys_file["ansible.builtin.template"]["mode"]) == (
+        "{{ _whisper_service_keys_group }}", "0640")
+    assert keys_file["no_log"] is True and keys_file["diff"] is False
