@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -220,6 +221,37 @@ class ServerProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def https_receiver(directory: Path, failures: int = 0):
+    """An HTTPS webhook receiver on 127.0.0.1 with its own certificate, answering 500 to the first FAILURES
+    deliveries and 204 after; yields (url, its certificate, [(headers, body, monotonic time), ...])."""
+    import http.server
+    import ssl
+
+    cert_path, key_path = make_certificate(directory)
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body, time.monotonic()))
+            self.send_response(500 if len(received) <= failures else 204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/pilotys/webhook", cert_path, received
+    finally:
+        server.shutdown()
 
 
 def make_certificate(directory: Path, names=("127.0.0.1",)) -> tuple[Path, Path]:

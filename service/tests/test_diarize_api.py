@@ -5,11 +5,8 @@ the other formats (WebVTT read by webvtt-py), jobs and their webhook, upload gra
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
-import ssl
-import threading
 import time
 import wave
 
@@ -23,7 +20,7 @@ from openai.types.audio import TranscriptionDiarized
 from pilotys_whisper.app import create_app
 from pilotys_whisper.webhooks import verify
 
-from conftest import FakeEngine, make_certificate, make_settings
+from conftest import FakeEngine, https_receiver, make_settings
 from speakers import reference_clip, three_speakers, write_wav
 
 pytestmark = pytest.mark.model
@@ -58,26 +55,8 @@ def meeting(tmp_path_factory):
 @pytest.fixture(scope="module")
 def receiver(tmp_path_factory):
     """An HTTPS webhook receiver on 127.0.0.1 with its own certificate."""
-    directory = tmp_path_factory.mktemp("receiver")
-    cert_path, key_path = make_certificate(directory)
-    received = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{server.server_address[1]}/pilotys/webhook", cert_path, received
-    server.shutdown()
+    with https_receiver(tmp_path_factory.mktemp("receiver")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +188,10 @@ def test_a_diarized_job_carries_its_speakers_in_its_result_and_webhook(client, d
     verbose = client.get(f"/v1/jobs/{job['id']}/result?format=verbose_json", headers=AUTH).get_json()
     assert all(s["speaker"] for s in verbose["segments"])
     deadline = time.monotonic() + 30
-    while not any(json.loads(body)["data"]["id"] == job["id"] for _, body in received):
+    while not any(json.loads(body)["data"]["id"] == job["id"] for _, body, _ in received):
         assert time.monotonic() < deadline, "no webhook"
         time.sleep(0.1)
-    headers, body = next((h, b) for h, b in received if json.loads(b)["data"]["id"] == job["id"])
+    headers, body = next((h, b) for h, b, _ in received if json.loads(b)["data"]["id"] == job["id"])
     assert verify(SECRET, headers["Whisper-Signature"], body)
     assert json.loads(body)["data"]["speakers"] == job["speakers"]
 

@@ -1,9 +1,7 @@
 """Jobs for long meetings: acceptance, idempotency, isolation, cancel, progress, webhooks, purge, disk full."""
 
 import hashlib
-import http.server
 import json
-import ssl
 import threading
 import time
 
@@ -13,7 +11,7 @@ from pilotys_whisper.app import create_app
 from pilotys_whisper.errors import ApiError
 from pilotys_whisper.webhooks import WebhookPolicy, verify
 
-from conftest import FakeEngine, RawTLSServer, free_port, make_certificate, make_settings, read_request
+from conftest import FakeEngine, RawTLSServer, free_port, https_receiver, make_certificate, make_settings, read_request
 
 ALICE = "alice-key-0123456789"
 BOB = "bob-key-0123456789ab"
@@ -329,26 +327,8 @@ def test_callback_needs_a_secret_for_the_key(app, audio):
 @pytest.fixture
 def receiver(tmp_path):
     """An HTTPS endpoint on 127.0.0.1 with its own certificate; fails the first two deliveries."""
-    cert_path, key_path = make_certificate(tmp_path)
-    received = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((dict(self.headers), body, time.monotonic()))
-            self.send_response(500 if len(received) <= 2 else 204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{server.server_address[1]}/pilotys/webhook", cert_path, received
-    server.shutdown()
+    with https_receiver(tmp_path, failures=2) as endpoint:
+        yield endpoint
 
 
 def test_signed_webhook_with_retries(make_app, audio, receiver):
