@@ -25,3 +25,6 @@ schemathesis.openapi.media_type("audio/wav", st.one_of(st.just((_MEDIA / "silenc
                                                        st.sampled_from(_files(".wav"))))
 schemathesis.openapi.media_type("video/mp4", st.sampled_from(_files(".mp4")))
 schemathesis.openapi.media_type("application/octet-stream", st.binary(max_size=4096))
+# tus's PATCH and creation-with-upload bodies (/v1/live): bytes, sent as they are.
+schemathesis.openapi.media_type("application/offset+octet-stream", st.binary(max_size=4096))
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")

@@ -248,6 +248,11 @@ def test_offset_mismatch_checksum_and_version_errors(server, lecture_webm):
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_checksum_algorithm"
     r = requests.head(server.url + location, headers={**AUTH, "Tus-Resumable": "0.2.2"}, timeout=10)
     assert r.status_code == 412 and r.headers["Tus-Version"] == "1.0.0"
+    assert requests.head(server.url + location, headers=AUTH, timeout=10).status_code == 400  # not a tus request
+    r = requests.patch(server.url + location, headers={**AUTH, "Upload-Offset": "10000",
+                                                       "Content-Type": "application/offset+octet-stream"},
+                       data=b"x", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "tus_resumable_required"
     r = requests.patch(server.url + location, headers={**AUTH, **TUS, "Upload-Offset": "10000",
                                                        "Content-Type": "audio/webm"}, data=b"x", timeout=10)
     assert r.status_code == 415

@@ -621,6 +621,9 @@ class LiveUploads:
             raise ApiError(501, "live_not_available", "live uploads need the SQLite job backend (one host); this "
                            "service runs the PostgreSQL one")
         version = request.headers.get("Tus-Resumable")
+        if version is None:  # not a tus request at all; 412 is for a version the server does not speak (tus 1.0)
+            raise ApiError(400, "tus_resumable_required", f"send Tus-Resumable: {TUS_VERSION} (tus 1.0)",
+                           headers={"Tus-Version": TUS_VERSION})
         if version != TUS_VERSION:
             raise ApiError(412, "unsupported_tus_version", f"send Tus-Resumable: {TUS_VERSION} (tus 1.0)",
                            headers={"Tus-Version": TUS_VERSION})
