@@ -125,10 +125,8 @@ class ServiceState:
             # A forged or expired grant is 401 invalid_token; a valid one lacks the right to do this: 403
             # insufficient_scope (RFC 6750 section 3.1), not 401, which would tell the client to authenticate.
             grants.verify(self.keyring, request.headers["Authorization"])
-            raise ApiError(403, "upload_grant_not_accepted",
-                           "an upload grant only creates a job (POST /v1/jobs, or /v1/live and its upload); "
-                           "use the API key here",
-                           headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
+            raise grants.not_accepted("an upload grant only creates a job (POST /v1/jobs, or /v1/live and its "
+                                      "upload); use the API key here")
         principal = self.keyring.authenticate(request.headers.get("Authorization"))
         if principal is None:
             presented = bool(request.headers.get("Authorization"))

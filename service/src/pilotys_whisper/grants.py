@@ -110,6 +110,13 @@ def verify(keyring: KeyRing, authorization: str) -> Grant:
                  live=live)
 
 
+def not_accepted(message: str) -> ApiError:
+    """A valid grant used where it gives no right: 403 insufficient_scope (RFC 6750 section 3.1), not 401,
+    which would tell the client to authenticate again."""
+    return ApiError(403, "upload_grant_not_accepted", message,
+                    headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
+
+
 def requested_fields(body: dict) -> dict[str, str | list[str]]:
     """The job options asked for in POST /v1/uploads, in the form POST /v1/jobs takes them."""
     unknown = sorted(set(body) - set(FIELDS) - {"timestamp_granularities", "idempotency_key", "expires_in", "live"})

@@ -286,9 +286,7 @@ class JobManager:
             # A browser with an upload grant: the options and the idempotency key are the grant's, not the form's.
             grant = grants.verify(self.state.keyring, authorization)
             if grant.live:
-                raise ApiError(403, "upload_grant_not_accepted",
-                               "this upload grant is for a live upload (POST /v1/live)",
-                               headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
+                raise grants.not_accepted("this upload grant is for a live upload (POST /v1/live)")
             g.principal = principal = grant.principal
             idempotency_key, fields = grant.idempotency_key, MultiDict(grant.fields)
         else:

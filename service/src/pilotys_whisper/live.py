@@ -704,9 +704,7 @@ class _Replay(Exception):
 
 
 def _one_shot_grant() -> ApiError:
-    return ApiError(403, "upload_grant_not_accepted",
-                    "this upload grant creates a job with POST /v1/jobs; ask for one with live=true",
-                    headers={"WWW-Authenticate": 'Bearer realm="whisper", error="insufficient_scope"'})
+    return grants.not_accepted("this upload grant creates a job with POST /v1/jobs; ask for one with live=true")
 
 
 def _not_found() -> ApiError:
