@@ -273,7 +273,9 @@ def test_a_body_without_a_valid_key_never_reaches_the_service(edge, tmp_path, pr
     assert relay.received - before < 64 * 1024, relay.received - before
     # With the key, the check lets it in and the whole body goes on (not audio: 415 once the service read it).
     junk = tmp_path / "junk.bin"
-    junk.write_bytes(os.urandom(2 * 1024 * 1024))
+    # Not random bytes: 2 MB of those now and then hold enough MPEG frame syncs for ffmpeg to see an MP3 stream
+    # with nothing decodable in it (a 422 no_audio). A byte ramp is no format at all.
+    junk.write_bytes(bytes(range(256)) * (8 * 1024))
     before = relay.received
     status, body = curl(url + "/v1/audio/transcriptions", ca, protocol, "-H", f"Authorization: Bearer {KEY}",
                         "-F", f"file=@{junk}")
