@@ -169,7 +169,7 @@ def test_any_worker_continues_a_live_upload_and_a_killed_one_loses_nothing(model
 
 def test_an_idle_upload_is_finalized_once(model_dir, tmp_path, postgres,
                                                                              lecture_webm):  # noqa: F811
-    """Both workers look for idle uploads: the job is queued once and runs once."""
+    """Both workers look for idle uploads: the job is queued once and runs once; an empty one fails once."""
     database = postgres.new_database()
     workers = [worker(model_dir, tmp_path / name, database) for name in ("a", "b")]
     for w in workers:
@@ -179,12 +179,20 @@ def test_an_idle_upload_is_finalized_once(model_dir, tmp_path, postgres,
     try:
         r = create(a, headers={"Upload-Defer-Length": "1"}, data=lecture_webm)
         job_id = r.headers["Whisper-Job-Id"]
+        empty = create(b, headers={"Upload-Defer-Length": "1"}).headers["Whisper-Job-Id"]
         state = wait_finished(b, job_id)
         assert state["status"] == "succeeded" and state["attempts"] == 1, state
         assert wer(reference("lecture_en_60s"), transcript(b, job_id)) <= LECTURE_WER
         logs = a.logs() + b.logs()
         assert logs.count(f"complete with {len(lecture_webm)} bytes: job {job_id} queued") == 1, logs[-3000:]
         assert logs.count(f"job {job_id} taken by") == 1
+        # An upload that received nothing fails, once, with one job.failed event.
+        state = wait_finished(a, empty, timeout=60)
+        assert state["status"] == "failed" and state["error"]["code"] == "no_audio", state
+        assert (a.logs() + b.logs()).count(f"job {empty} failed (no_audio)") == 1
+        with psycopg.connect(database) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM job_events WHERE job_id = %s AND type = 'job.failed'",
+                                (empty,)).fetchone()[0] == 1
     finally:
         for w in workers:
             assert w.stop() == 0

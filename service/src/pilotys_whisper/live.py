@@ -588,9 +588,12 @@ class LiveUploads:
         now = time.time()
         with self.manager.store.transaction() as db:
             db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?", (now, upload["id"]))
-            db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
-                       "error_message = ?, webhook_next_at = ? WHERE id = ? AND status = 'receiving'",
-                       (now, now + self.settings.job_retention_s, code, message, now, upload["job_id"]))
+            failed = db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
+                                "error_message = ?, webhook_next_at = ? WHERE id = ? AND status = 'receiving'",
+                                (now, now + self.settings.job_retention_s, code, message, now,
+                                 upload["job_id"])).rowcount
+        if not failed:  # ended already (another worker found the same idle upload): one outcome, one event
+            return
         self.manager.store.delete_audio(upload["job_id"])
         self.manager._publish_outcome(upload["job_id"])  # the event stream ends with job.failed, as a job's does
         log.info("live upload %s: job %s failed (%s)", upload["id"], upload["job_id"], code)
