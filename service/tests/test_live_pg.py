@@ -196,3 +196,33 @@ def test_an_idle_upload_is_finalized_once(model_dir, tmp_path, postgres,
     finally:
         for w in workers:
             assert w.stop() == 0
+
+
+def test_one_idempotency_key_on_two_workers_at_once_makes_one_upload(model_dir, tmp_path, postgres):
+    """A browser retrying POST /v1/live on another worker while the first still creates it: one job, one upload,
+    the second answered with the first's Location. The test holds live_uploads locked until both creations
+    wait (the first on that lock, the second on the first's uncommitted job row), so that they really overlap."""
+    database = postgres.new_database()
+    workers = [worker(model_dir, tmp_path / name, database).start() for name in ("a", "b")]
+    try:
+        answers = []
+        with psycopg.connect(database) as conn, conn.transaction():
+            conn.execute("LOCK TABLE live_uploads IN EXCLUSIVE MODE")
+            threads = [threading.Thread(target=lambda w=w: answers.append(create(
+                w, headers={"Upload-Defer-Length": "1"}, idempotency_key="meeting-42"))) for w in workers]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while waiting_on_locks(database) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for thread in threads:
+            thread.join(60)
+        assert sorted(r.status_code for r in answers) == [201, 201], [r.text for r in answers]
+        assert len({r.headers["Location"] for r in answers}) == 1
+        assert [r.headers.get("Idempotent-Replayed") for r in answers].count("true") == 1
+        with psycopg.connect(database) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+            assert conn.execute("SELECT COUNT(*) FROM live_uploads").fetchone()[0] == 1
+    finally:
+        for w in workers:
+            assert w.stop() == 0

@@ -308,6 +308,15 @@ class LiveUploads:
         except _Replay:
             self.storage.discard(job_id)
             return self._replayed(self.manager._by_idempotency_key(principal.owner, idempotency_key))
+        except Exception:
+            self.storage.discard(job_id)
+            existing = None
+            if idempotency_key:  # PostgreSQL: a creation with this key committed while this one waited for it
+                with contextlib.suppress(ApiError):
+                    existing = self.manager._by_idempotency_key(principal.owner, idempotency_key)
+            if existing is None:
+                raise
+            return self._replayed(existing)
         except BaseException:
             self.storage.discard(job_id)
             raise
