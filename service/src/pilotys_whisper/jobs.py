@@ -126,6 +126,10 @@ class SqliteBackend:
             raise
         db.execute("COMMIT")
 
+    def create_tables(self, sql: str) -> None:
+        """Tables of another module (live uploads), with IF NOT EXISTS."""
+        self._conn().executescript(sql)
+
     def query(self, sql: str, args=()) -> list:
         return self._conn().execute(sql, args).fetchall()
 
