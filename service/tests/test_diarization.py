@@ -236,6 +236,56 @@ def test_transcript_and_diarization_together(diarizer, meeting):
     assert len({s.speaker for s in out}) == 3
 
 
+def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir, monkeypatch):
+    """The real model transcribes with words, then speakers.label (what every route calls) diarizes: the
+    diarizer takes the engine's speech regions, and the VAD scans no sample after the transcription."""
+    import faster_whisper.vad
+
+    from pilotys_whisper import speakers
+    from pilotys_whisper.engines import TranscribeOptions
+    from pilotys_whisper.engines.faster import FasterWhisperEngine
+    from pilotys_whisper.settings import Settings
+
+    scanned = []  # samples handed to Silero VAD, call by call
+    real_vad = faster_whisper.vad.get_speech_timestamps
+
+    def counting_vad(audio, *args, **kwargs):
+        scanned.append(len(audio))
+        return real_vad(audio, *args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper.vad, "get_speech_timestamps", counting_vad)
+    path, reference = meeting
+    engine = FasterWhisperEngine(Settings.from_env({"WHISPER_MODEL": str(model_dir)}))
+    engine.load()
+    result = engine.transcribe(str(path), TranscribeOptions(language="fr", word_timestamps=True))
+    by_engine = sum(scanned)
+    assert by_engine > 0 and result.speech is not None and result.speech.spans
+    labelled = speakers.label(diarizer, str(path), result, speakers.SpeakerOptions())
+    assert sum(scanned) == by_engine, f"the diarizer ran the VAD again over {sum(scanned) - by_engine} samples"
+    assert labelled.segments and all(s.speaker for s in labelled.segments)
+    assert len({s.speaker for s in labelled.segments}) == 3
+    # Its turns lie within the engine's regions (touching ones joined: a turn may run across them).
+    joined: list[list[float]] = []
+    for s, e in result.speech.spans:
+        if joined and s - joined[-1][1] < 1e-3:
+            joined[-1][1] = e
+        else:
+            joined.append([s, e])
+    turns = diarizer.diarize(str(path), speech=list(result.speech.spans), speech_pad_s=result.speech.pad_s).turns
+    assert all(any(s - 1e-3 <= t.start and t.end <= e + 1e-3 for s, e in joined) for t in turns)
+
+
+def test_padding_of_given_regions_is_trimmed_where_it_touches_no_other_region():
+    from pilotys_whisper.diarization.engine import _trimmed
+
+    # Padded by 0.4 s; the diarizer pads by 0.1 s: isolated edges move in by 0.3 s, touching ones stay,
+    # a region starting at 0 keeps its start (its padding was cut off there), a too short one goes.
+    spans = [(0.0, 2.0), (3.0, 5.0), (5.0, 7.0), (9.0, 9.5)]
+    trimmed = _trimmed(spans, 0.4)
+    assert np.allclose(trimmed, [(0.0, 1.7), (3.3, 5.0), (5.0, 6.7)]), trimmed
+    assert _trimmed(spans, 0.1) == spans
+
+
 # -- bounds and parity -----------------------------------------------------------------------------------
 
 

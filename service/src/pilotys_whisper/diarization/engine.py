@@ -85,6 +85,24 @@ def _given_regions(blocks: Iterable[np.ndarray], speech: list[tuple[float, float
                 yield max(start, buf_start), buf[max(start, buf_start) - buf_start:end - buf_start].copy()
 
 
+def _trimmed(speech: list[tuple[float, float]], pad_s: float) -> list[tuple[float, float]]:
+    """Regions another VAD pass padded by `pad_s` brought to the diarizer's own padding: an edge that touches
+    no other region (so its padding is all there) moves in by the difference; where two regions touch, the
+    silence between them was shared out and stays (it is shorter than two paddings)."""
+    cut = pad_s - VAD["speech_pad_ms"] / 1000
+    spans = sorted((s, e) for s, e in speech if e > s)
+    if cut <= 0:
+        return spans
+    out = []
+    for i, (start, end) in enumerate(spans):
+        alone_before = start > 0 and (i == 0 or start - spans[i - 1][1] > 1e-3)
+        alone_after = i == len(spans) - 1 or spans[i + 1][0] - end > 1e-3
+        start, end = start + cut * alone_before, end - cut * alone_after
+        if end > start:
+            out.append((start, end))
+    return out
+
+
 def _smoothed(vectors: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Each window's embedding averaged with its neighbours' in the same speech region (2.4 s of context
     instead of 1.6 s): less noise for the clustering, which on the corpus counted speakers better so."""
@@ -235,9 +253,14 @@ class Diarizer:
 
     # -- diarization -----------------------------------------------------------------------------------
 
-    def diarize(self, audio, *, speech: list[tuple[float, float]] | None = None, num_speakers: int | None = None,
-                min_speakers: int | None = None, max_speakers: int | None = None,
+    def diarize(self, audio, *, speech: list[tuple[float, float]] | None = None, speech_pad_s: float | None = None,
+                num_speakers: int | None = None, min_speakers: int | None = None, max_speakers: int | None = None,
                 references: dict[str, np.ndarray] | None = None) -> Diarization:
+        """Who speaks when in `audio` (a path or 16 kHz samples). `speech`: the speech regions (seconds) when
+        the caller has them (the engine's VAD pass: the VAD then runs once per request), `speech_pad_s` the
+        padding its VAD put around them; without, the diarizer runs Silero VAD itself."""
+        if speech is not None and speech_pad_s is not None:
+            speech = _trimmed(speech, speech_pad_s)
         embedded = self._embed_regions(self._regions(audio, speech))
         return self.label(*embedded, num_speakers=num_speakers, min_speakers=min_speakers,
                           max_speakers=max_speakers, references=references)

@@ -28,6 +28,7 @@ from . import (
     ProgressFn,
     Segment,
     SegmentsFn,
+    SpeechRegions,
     StopFn,
     TranscribeOptions,
     Transcription,
@@ -68,6 +69,9 @@ LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
 # tokens (timestamps included) per second, so this caps only chunks under about 20 s, and only loops.
 TOKENS_PER_S = 10
 MIN_TOKENS = 32
+# Silero VAD's padding around speech (faster-whisper's default, named because the diarizer, which takes these
+# regions, wants less of it and trims the difference).
+SPEECH_PAD_MS = 400
 PREFETCH_REGIONS = 4  # speech regions decoded and cut by VAD ahead of the model (each at most 30 s)
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -168,6 +172,12 @@ def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float 
         if scan_from > buf_start:
             buf = buf[scan_from - buf_start:]
             buf_start = scan_from
+
+
+def _noting_spans(regions: Iterator[Region], spans: list[tuple[float, float]]) -> Iterator[Region]:
+    for region in regions:
+        spans.append((region.start / SAMPLE_RATE, (region.start + region.audio.shape[0]) / SAMPLE_RATE))
+        yield region
 
 
 class _Packer:
@@ -338,11 +348,14 @@ class FasterWhisperEngine:
         from faster_whisper.vad import VadOptions
 
         assert self._model is not None, "load() first"
-        vad_options = VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160) if self.vad else None
+        vad_options = VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160,
+                                 speech_pad_ms=SPEECH_PAD_MS) if self.vad else None
         run = _Run(self, options)
+        spans: list[tuple[float, float]] = []  # where the VAD found speech, kept for the diarizer
         try:
             with (PcmStream(path, max_seconds=options.max_duration_s) as stream,
-                  _Prefetch(speech_regions(stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S), vad_options),
+                  _Prefetch(_noting_spans(speech_regions(stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S),
+                                                         vad_options), spans),
                             PREFETCH_REGIONS) as regions):
                 total = options.duration_hint or 0.0
                 packer = _Packer(regions)
@@ -363,6 +376,8 @@ class FasterWhisperEngine:
         if progress is not None:
             progress(duration, duration)
         result = run.result(duration)
+        if vad_options is not None:
+            result.speech = SpeechRegions(spans=tuple(spans), pad_s=SPEECH_PAD_MS / 1000)
         if on_segments is not None and (rest := result.segments[run.settled_count:]):
             on_segments(rest)
         return result
