@@ -304,6 +304,25 @@ def test_clustering_memory_is_bounded_for_a_long_meeting():
     assert counts.max(axis=1).sum() / truth.size > 0.99  # each true group in one cluster
 
 
+def test_clustering_runs_blas_on_one_thread_and_gives_the_count_back():
+    """OpenBLAS's busy-waiting threads cost the clustering 4x its CPU on a loaded machine (bench/README.md)."""
+    from pilotys_whisper.diarization import blas
+
+    setters = blas._openblas_libraries()
+    assert setters, "the wheels' OpenBLAS (with openblas_set_num_threads_local) was not found"
+
+    def counts() -> list[int]:  # each library's thread-local count, left as it was
+        previous = [setter(1) for setter in setters]
+        for setter, count in zip(setters, previous, strict=True):
+            setter(count)
+        return previous
+
+    before = counts()
+    with blas.single_threaded():
+        assert counts() == [1] * len(setters)
+    assert counts() == before
+
+
 def test_mel_features_match_librosa():
     """librosa 0.11's melspectrogram (what resemblyzer calls) on a fixed signal, stored in the data folder."""
     expected = np.load(DATA / "ge2e_mel_reference.npz")

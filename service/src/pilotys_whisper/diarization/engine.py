@@ -137,6 +137,8 @@ class Diarizer:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle threads that spin burn CPU a loaded server's transcriptions need (the same lever as blas.py's).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
@@ -269,13 +271,15 @@ class Diarizer:
     def label(cls, times, vectors, full, owner, spans, *, num_speakers=None, min_speakers=None, max_speakers=None,
               references=None) -> Diarization:
         """Speakers from the windows' embeddings (what _embed_regions gives)."""
+        from .blas import single_threaded
         from .clustering import cluster, match_references
 
         if vectors.shape[0] == 0:
             return Diarization(turns=[], speakers=[], windows=0, affinity_size=0)
         clustered = np.flatnonzero(full) if full.any() else np.arange(vectors.shape[0])
-        found = cluster(_smoothed(vectors, owner)[clustered], num_speakers=num_speakers, min_speakers=min_speakers,
-                        max_speakers=max_speakers, regions=owner[clustered])
+        with single_threaded():
+            found = cluster(_smoothed(vectors, owner)[clustered], num_speakers=num_speakers,
+                            min_speakers=min_speakers, max_speakers=max_speakers, regions=owner[clustered])
         # Every window (the short ones too) takes the speaker whose centroid is nearest; the clustered ones
         # keep the cluster they were put in.
         labels = np.argmax(vectors @ found.centroids.T.astype(np.float32), axis=1)
