@@ -128,6 +128,13 @@ class Chunk:
         return out
 
 
+def speech_vad_options():
+    """Silero VAD's options as the engine runs it: regions of at most a window, padded by SPEECH_PAD_MS."""
+    from faster_whisper.vad import VadOptions
+
+    return VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160, speech_pad_ms=SPEECH_PAD_MS)
+
+
 def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float = CHUNK_S) -> Iterator[Region]:
     """Cut a stream of PCM blocks into regions of at most `max_s` seconds, in order.
 
@@ -345,11 +352,8 @@ class FasterWhisperEngine:
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
-        from faster_whisper.vad import VadOptions
-
         assert self._model is not None, "load() first"
-        vad_options = VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160,
-                                 speech_pad_ms=SPEECH_PAD_MS) if self.vad else None
+        vad_options = speech_vad_options() if self.vad else None
         run = _Run(self, options)
         spans: list[tuple[float, float]] = []  # where the VAD found speech, kept for the diarizer
         try:
