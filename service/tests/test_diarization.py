@@ -238,7 +238,9 @@ def test_transcript_and_diarization_together(diarizer, meeting):
 
 def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir, monkeypatch):
     """The real model transcribes with words, then speakers.label (what every route calls) diarizes: the
-    diarizer takes the engine's speech regions, and the VAD scans no sample after the transcription."""
+    diarizer takes the engine's speech regions, and the VAD scans no sample after the transcription. The
+    words are aligned one chunk at a time."""
+    import faster_whisper.transcribe
     import faster_whisper.vad
 
     from pilotys_whisper import speakers
@@ -254,11 +256,20 @@ def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir
         return real_vad(audio, *args, **kwargs)
 
     monkeypatch.setattr(faster_whisper.vad, "get_speech_timestamps", counting_vad)
+    aligned = []  # chunks per word alignment: one at a time bounds its memory (bench/README.md)
+    real_alignment = faster_whisper.transcribe.WhisperModel.find_alignment
+
+    def counting_alignment(self, tokenizer, text_tokens, *args, **kwargs):
+        aligned.append(len(text_tokens))
+        return real_alignment(self, tokenizer, text_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper.transcribe.WhisperModel, "find_alignment", counting_alignment)
     path, reference = meeting
     engine = FasterWhisperEngine(Settings.from_env({"WHISPER_MODEL": str(model_dir)}))
     engine.load()
     result = engine.transcribe(str(path), TranscribeOptions(language="fr", word_timestamps=True))
     by_engine = sum(scanned)
+    assert len(aligned) >= 2 and set(aligned) == {1}, aligned  # the 40 s meeting is 2 chunks of a batch
     assert by_engine > 0 and result.speech is not None and result.speech.spans
     labelled = speakers.label(diarizer, str(path), result, speakers.SpeakerOptions())
     assert sum(scanned) == by_engine, f"the diarizer ran the VAD again over {sum(scanned) - by_engine} samples"
