@@ -103,10 +103,10 @@ def _trimmed(speech: list[tuple[float, float]], pad_s: float) -> list[tuple[floa
     return out
 
 
-def _smoothed(vectors: np.ndarray, owner: np.ndarray) -> np.ndarray:
+def _smoothed(vectors: np.ndarray, owner: np.ndarray, dtype=np.float64) -> np.ndarray:
     """Each window's embedding averaged with its neighbours' in the same speech region (2.4 s of context
     instead of 1.6 s): less noise for the clustering, which on the corpus counted speakers better so."""
-    total = vectors.astype(np.float64)
+    total = vectors.astype(dtype)
     same = owner[1:] == owner[:-1]
     total[1:][same] += vectors[:-1][same]
     total[:-1][same] += vectors[1:][same]
@@ -275,13 +275,14 @@ class Diarizer:
               references=None) -> Diarization:
         """Speakers from the windows' embeddings (what _embed_regions gives)."""
         from .blas import single_threaded
-        from .clustering import cluster, match_references
+        from .clustering import cluster, match_references, working_dtype
 
         if vectors.shape[0] == 0:
             return Diarization(turns=[], speakers=[], windows=0, affinity_size=0)
         clustered = np.flatnonzero(full) if full.any() else np.arange(vectors.shape[0])
         with single_threaded():
-            found = cluster(_smoothed(vectors, owner)[clustered], num_speakers=num_speakers,
+            smoothed = _smoothed(vectors, owner, working_dtype(clustered.size))
+            found = cluster(smoothed[clustered], num_speakers=num_speakers,
                             min_speakers=min_speakers, max_speakers=max_speakers, regions=owner[clustered])
         # Every window (the short ones too) takes the speaker whose centroid is nearest; the clustered ones
         # keep the cluster they were put in.
