@@ -236,6 +236,67 @@ def test_transcript_and_diarization_together(diarizer, meeting):
     assert len({s.speaker for s in out}) == 3
 
 
+def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir, monkeypatch):
+    """The real model transcribes with words, then speakers.label (what every route calls) diarizes: the
+    diarizer takes the engine's speech regions, and the VAD scans no sample after the transcription. The
+    words are aligned one chunk at a time."""
+    import faster_whisper.transcribe
+    import faster_whisper.vad
+
+    from pilotys_whisper import speakers
+    from pilotys_whisper.engines import TranscribeOptions
+    from pilotys_whisper.engines.faster import FasterWhisperEngine
+    from pilotys_whisper.settings import Settings
+
+    scanned = []  # samples handed to Silero VAD, call by call
+    real_vad = faster_whisper.vad.get_speech_timestamps
+
+    def counting_vad(audio, *args, **kwargs):
+        scanned.append(len(audio))
+        return real_vad(audio, *args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper.vad, "get_speech_timestamps", counting_vad)
+    aligned = []  # chunks per word alignment: one at a time bounds its memory (bench/README.md)
+    real_alignment = faster_whisper.transcribe.WhisperModel.find_alignment
+
+    def counting_alignment(self, tokenizer, text_tokens, *args, **kwargs):
+        aligned.append(len(text_tokens))
+        return real_alignment(self, tokenizer, text_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper.transcribe.WhisperModel, "find_alignment", counting_alignment)
+    path, reference = meeting
+    engine = FasterWhisperEngine(Settings.from_env({"WHISPER_MODEL": str(model_dir)}))
+    engine.load()
+    result = engine.transcribe(str(path), TranscribeOptions(language="fr", word_timestamps=True))
+    by_engine = sum(scanned)
+    assert len(aligned) >= 2 and set(aligned) == {1}, aligned  # the 40 s meeting is 2 chunks of a batch
+    assert by_engine > 0 and result.speech is not None and result.speech.spans
+    labelled = speakers.label(diarizer, str(path), result, speakers.SpeakerOptions())
+    assert sum(scanned) == by_engine, f"the diarizer ran the VAD again over {sum(scanned) - by_engine} samples"
+    assert labelled.segments and all(s.speaker for s in labelled.segments)
+    assert len({s.speaker for s in labelled.segments}) == 3
+    # Its turns lie within the engine's regions (touching ones joined: a turn may run across them).
+    joined: list[list[float]] = []
+    for s, e in result.speech.spans:
+        if joined and s - joined[-1][1] < 1e-3:
+            joined[-1][1] = e
+        else:
+            joined.append([s, e])
+    turns = diarizer.diarize(str(path), speech=list(result.speech.spans), speech_pad_s=result.speech.pad_s).turns
+    assert all(any(s - 1e-3 <= t.start and t.end <= e + 1e-3 for s, e in joined) for t in turns)
+
+
+def test_padding_of_given_regions_is_trimmed_where_it_touches_no_other_region():
+    from pilotys_whisper.diarization.engine import _trimmed
+
+    # Padded by 0.4 s; the diarizer pads by 0.1 s: isolated edges move in by 0.3 s, touching ones stay,
+    # a region starting at 0 keeps its start (its padding was cut off there), a too short one goes.
+    spans = [(0.0, 2.0), (3.0, 5.0), (5.0, 7.0), (9.0, 9.5)]
+    trimmed = _trimmed(spans, 0.4)
+    assert np.allclose(trimmed, [(0.0, 1.7), (3.3, 5.0), (5.0, 6.7)]), trimmed
+    assert _trimmed(spans, 0.1) == spans
+
+
 # -- bounds and parity -----------------------------------------------------------------------------------
 
 
@@ -252,6 +313,25 @@ def test_clustering_memory_is_bounded_for_a_long_meeting():
     counts = np.zeros((3, 3))
     np.add.at(counts, (truth, result.labels), 1)
     assert counts.max(axis=1).sum() / truth.size > 0.99  # each true group in one cluster
+
+
+def test_clustering_runs_blas_on_one_thread_and_gives_the_count_back():
+    """OpenBLAS's busy-waiting threads cost the clustering 4x its CPU on a loaded machine (bench/README.md)."""
+    from pilotys_whisper.diarization import blas
+
+    setters = blas._openblas_libraries()
+    assert setters, "the wheels' OpenBLAS (with openblas_set_num_threads_local) was not found"
+
+    def counts() -> list[int]:  # each library's thread-local count, left as it was
+        previous = [setter(1) for setter in setters]
+        for setter, count in zip(setters, previous, strict=True):
+            setter(count)
+        return previous
+
+    before = counts()
+    with blas.single_threaded():
+        assert counts() == [1] * len(setters)
+    assert counts() == before
 
 
 def test_mel_features_match_librosa():

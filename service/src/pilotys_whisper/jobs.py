@@ -805,7 +805,9 @@ class _Replay(Exception):
 
 
 def _dump_result(result: Transcription) -> str:
-    return json.dumps(asdict(result))
+    stored = asdict(result)
+    stored.pop("speech")  # the VAD's regions serve the diarization, which has run by now
+    return json.dumps(stored)
 
 
 def _load_result(data: str) -> Transcription:

@@ -203,8 +203,12 @@ def label(diarizer, path: str, result: Transcription, options: SpeakerOptions) -
     from .diarization import attribute
 
     references = {name: np.asarray(emb, dtype=np.float32) for name, emb in options.references.items()}
-    diarization = diarizer.diarize(path, num_speakers=options.num_speakers, min_speakers=options.min_speakers,
-                                   max_speakers=options.max_speakers, references=references)
+    # The engine's VAD regions when it has them: the VAD runs once per request.
+    speech = result.speech
+    diarization = diarizer.diarize(path, speech=list(speech.spans) if speech else None,
+                                   speech_pad_s=speech.pad_s if speech else None, num_speakers=options.num_speakers,
+                                   min_speakers=options.min_speakers, max_speakers=options.max_speakers,
+                                   references=references)
     return replace(result, segments=attribute(result.segments, diarization))
 
 

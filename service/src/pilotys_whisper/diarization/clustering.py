@@ -38,6 +38,13 @@ class Clusters:
     affinity_size: int  # rows (= columns) of the largest affinity matrix built
 
 
+def working_dtype(n: int):
+    """float64 for what enters the affinity matrix whole (as measured on the corpus), float32 for a recording
+    long enough to be summarised first: its copies of every embedding then cost half (22 MB less per copy for
+    3 hours' 11,000 windows)."""
+    return np.float64 if n <= MAX_CLUSTERED else np.float32
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -169,7 +176,7 @@ def cluster(embeddings: np.ndarray, num_speakers: int | None = None, min_speaker
             max_speakers: int | None = None, regions: np.ndarray | None = None) -> Clusters:
     """Group unit-norm embeddings (one per window, in time order) by speaker; `regions`: the speech region of
     each window, so that overlapping windows are not taken for evidence of one voice."""
-    x = _unit(np.asarray(embeddings, dtype=np.float64))
+    x = _unit(np.asarray(embeddings, dtype=working_dtype(len(embeddings))))
     n = x.shape[0]
     if n == 0:
         return Clusters(np.zeros(0, dtype=int), np.zeros((0, x.shape[1] if x.ndim == 2 else 0)), 0)
@@ -178,6 +185,7 @@ def cluster(embeddings: np.ndarray, num_speakers: int | None = None, min_speaker
     points = x
     if n > MAX_CLUSTERED:
         points, members = _summarise(x, MAX_CLUSTERED)
+        points = points.astype(np.float64)
         regions = None  # centres have no place in time
     m = points.shape[0]
     if num_speakers is not None:

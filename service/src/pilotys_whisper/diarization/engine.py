@@ -85,10 +85,28 @@ def _given_regions(blocks: Iterable[np.ndarray], speech: list[tuple[float, float
                 yield max(start, buf_start), buf[max(start, buf_start) - buf_start:end - buf_start].copy()
 
 
-def _smoothed(vectors: np.ndarray, owner: np.ndarray) -> np.ndarray:
+def _trimmed(speech: list[tuple[float, float]], pad_s: float) -> list[tuple[float, float]]:
+    """Regions another VAD pass padded by `pad_s` brought to the diarizer's own padding: an edge that touches
+    no other region (so its padding is all there) moves in by the difference; where two regions touch, the
+    silence between them was shared out and stays (it is shorter than two paddings)."""
+    cut = pad_s - VAD["speech_pad_ms"] / 1000
+    spans = sorted((s, e) for s, e in speech if e > s)
+    if cut <= 0:
+        return spans
+    out = []
+    for i, (start, end) in enumerate(spans):
+        alone_before = start > 0 and (i == 0 or start - spans[i - 1][1] > 1e-3)
+        alone_after = i == len(spans) - 1 or spans[i + 1][0] - end > 1e-3
+        start, end = start + cut * alone_before, end - cut * alone_after
+        if end > start:
+            out.append((start, end))
+    return out
+
+
+def _smoothed(vectors: np.ndarray, owner: np.ndarray, dtype=np.float64) -> np.ndarray:
     """Each window's embedding averaged with its neighbours' in the same speech region (2.4 s of context
     instead of 1.6 s): less noise for the clustering, which on the corpus counted speakers better so."""
-    total = vectors.astype(np.float64)
+    total = vectors.astype(dtype)
     same = owner[1:] == owner[:-1]
     total[1:][same] += vectors[:-1][same]
     total[:-1][same] += vectors[1:][same]
@@ -119,6 +137,8 @@ class Diarizer:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle threads that spin burn CPU a loaded server's transcriptions need (the same lever as blas.py's).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
@@ -235,10 +255,18 @@ class Diarizer:
 
     # -- diarization -----------------------------------------------------------------------------------
 
-    def diarize(self, audio, *, speech: list[tuple[float, float]] | None = None, num_speakers: int | None = None,
-                min_speakers: int | None = None, max_speakers: int | None = None,
+    def diarize(self, audio, *, speech: list[tuple[float, float]] | None = None, speech_pad_s: float | None = None,
+                num_speakers: int | None = None, min_speakers: int | None = None, max_speakers: int | None = None,
                 references: dict[str, np.ndarray] | None = None) -> Diarization:
-        embedded = self._embed_regions(self._regions(audio, speech))
+        """Who speaks when in `audio` (a path or 16 kHz samples). `speech`: the speech regions (seconds) when
+        the caller has them (the engine's VAD pass: the VAD then runs once per request), `speech_pad_s` the
+        padding its VAD put around them; without, the diarizer runs Silero VAD itself."""
+        if speech is not None and speech_pad_s is not None:
+            speech = _trimmed(speech, speech_pad_s)
+        from .blas import single_threaded
+
+        with single_threaded():  # the mel features' matrix products too (0.3 CPU s of 10 minutes, loaded)
+            embedded = self._embed_regions(self._regions(audio, speech))
         return self.label(*embedded, num_speakers=num_speakers, min_speakers=min_speakers,
                           max_speakers=max_speakers, references=references)
 
@@ -246,13 +274,16 @@ class Diarizer:
     def label(cls, times, vectors, full, owner, spans, *, num_speakers=None, min_speakers=None, max_speakers=None,
               references=None) -> Diarization:
         """Speakers from the windows' embeddings (what _embed_regions gives)."""
-        from .clustering import cluster, match_references
+        from .blas import single_threaded
+        from .clustering import cluster, match_references, working_dtype
 
         if vectors.shape[0] == 0:
             return Diarization(turns=[], speakers=[], windows=0, affinity_size=0)
         clustered = np.flatnonzero(full) if full.any() else np.arange(vectors.shape[0])
-        found = cluster(_smoothed(vectors, owner)[clustered], num_speakers=num_speakers, min_speakers=min_speakers,
-                        max_speakers=max_speakers, regions=owner[clustered])
+        with single_threaded():
+            smoothed = _smoothed(vectors, owner, working_dtype(clustered.size))
+            found = cluster(smoothed[clustered], num_speakers=num_speakers,
+                            min_speakers=min_speakers, max_speakers=max_speakers, regions=owner[clustered])
         # Every window (the short ones too) takes the speaker whose centroid is nearest; the clustered ones
         # keep the cluster they were put in.
         labels = np.argmax(vectors @ found.centroids.T.astype(np.float32), axis=1)

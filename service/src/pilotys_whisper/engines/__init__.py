@@ -72,6 +72,15 @@ class Segment:
         return data
 
 
+@dataclass(frozen=True)
+class SpeechRegions:
+    """Where the engine's VAD found speech (seconds, in order) and the padding it put on each side of a region:
+    the diarizer takes its turns from these rather than running the VAD a second time."""
+
+    spans: tuple[tuple[float, float], ...]
+    pad_s: float
+
+
 @dataclass
 class Transcription:
     text: str
@@ -79,6 +88,7 @@ class Transcription:
     duration: float  # seconds of audio
     segments: list[Segment]
     language_probability: float = 1.0
+    speech: SpeechRegions | None = None  # the VAD's regions, for diarization; in no response, not stored
 
     @property
     def words(self) -> list[Word]:

@@ -28,6 +28,7 @@ from . import (
     ProgressFn,
     Segment,
     SegmentsFn,
+    SpeechRegions,
     StopFn,
     TranscribeOptions,
     Transcription,
@@ -68,6 +69,9 @@ LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
 # tokens (timestamps included) per second, so this caps only chunks under about 20 s, and only loops.
 TOKENS_PER_S = 10
 MIN_TOKENS = 32
+# Silero VAD's padding around speech (faster-whisper's default, named because the diarizer, which takes these
+# regions, wants less of it and trims the difference).
+SPEECH_PAD_MS = 400
 PREFETCH_REGIONS = 4  # speech regions decoded and cut by VAD ahead of the model (each at most 30 s)
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -124,6 +128,13 @@ class Chunk:
         return out
 
 
+def speech_vad_options():
+    """Silero VAD's options as the engine runs it: regions of at most a window, padded by SPEECH_PAD_MS."""
+    from faster_whisper.vad import VadOptions
+
+    return VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160, speech_pad_ms=SPEECH_PAD_MS)
+
+
 def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float = CHUNK_S) -> Iterator[Region]:
     """Cut a stream of PCM blocks into regions of at most `max_s` seconds, in order.
 
@@ -168,6 +179,12 @@ def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float 
         if scan_from > buf_start:
             buf = buf[scan_from - buf_start:]
             buf_start = scan_from
+
+
+def _noting_spans(regions: Iterator[Region], spans: list[tuple[float, float]]) -> Iterator[Region]:
+    for region in regions:
+        spans.append((region.start / SAMPLE_RATE, (region.start + region.audio.shape[0]) / SAMPLE_RATE))
+        yield region
 
 
 class _Packer:
@@ -335,14 +352,14 @@ class FasterWhisperEngine:
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
-        from faster_whisper.vad import VadOptions
-
         assert self._model is not None, "load() first"
-        vad_options = VadOptions(max_speech_duration_s=CHUNK_S, min_silence_duration_ms=160) if self.vad else None
+        vad_options = speech_vad_options() if self.vad else None
         run = _Run(self, options)
+        spans: list[tuple[float, float]] = []  # where the VAD found speech, kept for the diarizer
         try:
             with (PcmStream(path, max_seconds=options.max_duration_s) as stream,
-                  _Prefetch(speech_regions(stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S), vad_options),
+                  _Prefetch(_noting_spans(speech_regions(stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S),
+                                                         vad_options), spans),
                             PREFETCH_REGIONS) as regions):
                 total = options.duration_hint or 0.0
                 packer = _Packer(regions)
@@ -363,6 +380,8 @@ class FasterWhisperEngine:
         if progress is not None:
             progress(duration, duration)
         result = run.result(duration)
+        if vad_options is not None:
+            result.speech = SpeechRegions(spans=tuple(spans), pad_s=SPEECH_PAD_MS / 1000)
         if on_segments is not None and (rest := result.segments[run.settled_count:]):
             on_segments(rest)
         return result
@@ -579,10 +598,20 @@ class _Run:
     def _add_words(self, outputs: list[list[dict]], encoder_output, batch: list[Chunk]) -> None:
         model = self.model
         keep = [i for i, parts in enumerate(outputs) if parts]
-        enc = self._rows(encoder_output, batch, keep)
         frames = [int(np.ceil(batch[i].audio.shape[0] / model.feature_extractor.hop_length)) for i in keep]
-        model.add_word_timestamps([outputs[i] for i in keep], self.tokenizer, enc, frames,
-                                  PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, 0.0)
+        if model.model.device == "cuda":
+            enc = self._rows(encoder_output, batch, keep)
+            model.add_word_timestamps([outputs[i] for i in keep], self.tokenizer, enc, frames,
+                                      PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, 0.0)
+            return
+        # On a CPU one chunk at a time, as the encoder: aligning a batch of 3 at once raised the peak of a
+        # transcription by 180 MB (584 MB against 404, the same words; bench/README.md). `last` goes from one
+        # chunk to the next as faster-whisper carries it through a batch.
+        last = 0.0
+        for i, n in zip(keep, frames, strict=True):
+            last = model.add_word_timestamps([outputs[i]], self.tokenizer, self._rows(encoder_output, batch, [i]),
+                                             [n], PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, last)
+            release_free_memory()
 
     def _append(self, chunk: Chunk, parts: list[dict]) -> None:
         for part in parts:
