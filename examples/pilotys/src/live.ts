@@ -133,38 +133,31 @@ class LocalStore {
   }
 }
 
-/** The recording as tus reads it: every stored blob in order from the first, then each new one, then the end. */
-class RecordingReader {
-  private seq = 0;
-
-  constructor(private readonly recording: Recording) {}
-
-  async read(): Promise<ReadableStreamReadResult<Uint8Array>> {
-    for (;;) {
-      const { store, meetingId } = this.recording;
-      if (this.seq < this.recording.stored) {
-        const blob = await store.get(meetingId, this.seq);
-        if (!blob) throw new Error(`the recording's blob ${this.seq} is missing from IndexedDB`);
-        this.seq += 1;
-        return { done: false, value: new Uint8Array(await blob.arrayBuffer()) };
-      }
-      if (this.recording.stopped) return { done: true, value: undefined };
-      await this.recording.changed();
-    }
-  }
-}
-
-/** What the page knows of the meeting's recording: blobs stored so far, stopped or not. */
+/**
+ * What the page knows of the meeting's recording: the blobs stored so far (where each ends, in bytes), stopped
+ * or not; and the recording as tus reads it (tus-js-client's file source, given through its `fileReader` option):
+ * any byte range straight from IndexedDB, so that a resumed upload starts at the server's offset without
+ * reading what came before; a range not yet recorded waits for it, until the recording stops.
+ */
 class Recording {
-  stored = 0;
-  recordedBytes = 0;
+  ends: number[] = [];
   stopped = false;
+  readonly size = 0; // unused: the length is deferred (tus reads it only when it is not)
   private waiters: Array<() => void> = [];
 
   constructor(readonly store: LocalStore, readonly meetingId: string) {}
 
+  get recordedBytes(): number {
+    return this.ends.at(-1) ?? 0;
+  }
+
   changed(): Promise<void> {
     return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  added(size: number): void {
+    this.ends.push(this.recordedBytes + size);
+    this.notify();
   }
 
   notify(): void {
@@ -172,6 +165,24 @@ class Recording {
     this.waiters = [];
     for (const wake of waiters) wake();
   }
+
+  async slice(start: number, end: number): Promise<{ value: Blob | null; done: boolean }> {
+    while (this.recordedBytes < end && !this.stopped) await this.changed();
+    const stop = Math.min(end, this.recordedBytes);
+    if (start >= stop) return { value: null, done: this.stopped };
+    const parts: Blob[] = [];
+    let first = this.ends.findIndex((blobEnd) => blobEnd > start);
+    const firstStart = first > 0 ? this.ends[first - 1] : 0;
+    for (let seq = first; seq < this.ends.length && (seq ? this.ends[seq - 1] : 0) < stop; seq++) {
+      const blob = await this.store.get(this.meetingId, seq);
+      if (!blob) throw new Error(`the recording's blob ${seq} is missing from IndexedDB`);
+      parts.push(blob);
+    }
+    first = start - firstStart;
+    return { value: new Blob(parts).slice(first, first + stop - start), done: false };
+  }
+
+  close(): void {}
 }
 
 /** The meeting's blobs kept in IndexedDB, concatenated (what was recorded, every session of it). */
@@ -196,9 +207,9 @@ export async function recordLive(options: RecordLiveOptions): Promise<LiveRecord
   } = options;
   const store = await LocalStore.open();
   const recording = new Recording(store, meetingId);
-  recording.stored = await store.count(meetingId);
+  const stored = await store.count(meetingId);
+  for (let seq = 0; seq < stored; seq++) recording.added((await store.get(meetingId, seq))?.size ?? 0);
   recording.stopped = await store.stopped(meetingId);
-  for (let seq = 0; seq < recording.stored; seq++) recording.recordedBytes += (await store.get(meetingId, seq))?.size ?? 0;
 
   let jobId: string | null = null;
   let grant: UploadGrant | null = null;
@@ -261,8 +272,10 @@ export async function recordLive(options: RecordLiveOptions): Promise<LiveRecord
       setTimeout(() => void startUpload(), RESTART_DELAY_MS);
       return;
     }
-    const current = (upload = new Upload(new RecordingReader(recording), {
+    // The data comes from `fileReader` (the recording in IndexedDB); tus wants a file all the same.
+    const current = (upload = new Upload(new Blob([], { type: "audio/webm" }), {
       endpoint: first.uploadUrl,
+      fileReader: { openFile: async () => recording },
       uploadLengthDeferred: true,
       chunkSize,
       metadata: { filename: `meeting-${meetingId}.webm`, filetype: "audio/webm" },
@@ -317,10 +330,8 @@ export async function recordLive(options: RecordLiveOptions): Promise<LiveRecord
       if (!e.data.size) return;
       // In order, each blob on disk before tus may read it.
       pending = pending.then(async () => {
-        await store.put(meetingId, recording.stored, e.data);
-        recording.stored += 1;
-        recording.recordedBytes += e.data.size;
-        recording.notify();
+        await store.put(meetingId, recording.ends.length, e.data);
+        recording.added(e.data.size);
       });
     };
     recorder.onstop = () => {
