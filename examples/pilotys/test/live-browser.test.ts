@@ -82,14 +82,15 @@ function synthesize(seconds: number): Meeting {
 import json, subprocess, sys
 from pathlib import Path
 import numpy as np
-from speakers import RATE, Line, Voice, assemble, write_wav
+from speakers import RATE, Line, Voice, assemble, speak, write_wav
 lines, half = json.loads(sys.argv[2]), float(sys.argv[3])
 voice = [Voice("A", "m3", speed=125)]
 parts = []
 for _ in range(2):
-    taken = []
-    while lines and (not taken or assemble(voice, [Line("A", t, gap=2.5) for t in taken]).duration < half):
+    taken, seconds = [], 1.0  # assemble() puts 0.5 s of silence before and after
+    while lines and seconds < half:
         taken.append(lines.pop(0))
+        seconds += 2.5 + speak(taken[-1], voice[0]).shape[0] / RATE
     parts.append((taken, assemble(voice, [Line("A", t, gap=2.5) for t in taken])))
 write_wav(Path(sys.argv[1] + ".16k.wav"), np.concatenate([parts[1][1].audio, parts[0][1].audio]))
 subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", sys.argv[1] + ".16k.wav", "-ar", "48000",
