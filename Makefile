@@ -66,7 +66,7 @@ test-ansible: venv
 test-pilotys: venv assets
 	cd examples/pilotys && npm ci --no-audit --no-fund --loglevel=error && WHISPER_SERVICE_PYTHON=$(BIN)/python npm test
 
-# The issue's full run of the live recording in Chromium (3 minutes recorded, about 5 min in all); make test
+# The issue's full run of the live recording in Chromium (90 s listening, 3 minutes recorded, the transcription); make test
 # runs the same scenario on 45 s in test-pilotys.
 test-browser: venv assets
 	cd examples/pilotys && npm ci --no-audit --no-fund --loglevel=error && npx tsc -p tsconfig.json && \
