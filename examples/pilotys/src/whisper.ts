@@ -125,11 +125,18 @@ export function configFromEnv(env: NodeJS.ProcessEnv = process.env): WhisperConf
 async function call(config: WhisperConfig, path: string, init: RequestInit = {}): Promise<Response> {
   const headers = new Headers(init.headers);
   headers.set("Authorization", `Bearer ${config.apiKey}`);
-  const response = await fetch(`${config.apiUrl}${path}`, {
-    ...init,
-    headers,
-    signal: AbortSignal.timeout(config.timeoutMs ?? 120_000),
-  });
+  let response: Response;
+  try {
+    response = await fetch(`${config.apiUrl}${path}`, {
+      ...init,
+      headers,
+      signal: AbortSignal.timeout(config.timeoutMs ?? 120_000),
+    });
+  } catch (error) {
+    // No answer (refused, reset, timed out): a WhisperError too, so that a route relays it as a 502 and a
+    // browser retries, instead of a request left without a response.
+    throw new WhisperError(502, "server_unreachable", `the transcription server did not answer: ${(error as Error).message}`);
+  }
   if (!response.ok) throw await errorFrom(response);
   return response;
 }
@@ -158,6 +165,8 @@ export async function submitJob(
 export interface GrantOptions extends Omit<SubmitOptions, "filename" | "knownSpeakers"> {
   /** Seconds the grant stays valid (60-3600; the server's default is 900). */
   expiresIn?: number;
+  /** For a live upload (tus, POST /v1/live: `recordLive` in live.ts), which it also lets feed and resume. */
+  live?: boolean;
 }
 
 /** Ask the server for an upload grant (with the API key): a token the browser uses to create one job. */
@@ -177,6 +186,7 @@ export async function createUploadGrant(
     num_speakers: options.diarize ? options.numSpeakers : undefined,
     min_speakers: options.diarize ? options.minSpeakers : undefined,
     max_speakers: options.diarize ? options.maxSpeakers : undefined,
+    live: options.live || undefined,
   };
   const response = await call(config, "/v1/uploads", {
     method: "POST",
@@ -275,6 +285,8 @@ export function createUploadGrantHandler({
   callbackUrl,
   language = "fr",
   diarize = false,
+  live = false,
+  expiresIn,
   authorize,
   config,
 }: {
@@ -282,6 +294,10 @@ export function createUploadGrantHandler({
   language?: string;
   /** Meetings come back with their speakers (the server must have diarization on). */
   diarize?: boolean;
+  /** A grant for `recordLive` (live.ts): the meeting streamed with tus while it is recorded. */
+  live?: boolean;
+  /** Seconds a grant lasts (60-3600); `recordLive` asks for a new one before it expires. */
+  expiresIn?: number;
   authorize?: (request: Request) => Promise<boolean>;
   config?: WhisperConfig;
 } = {}) {
@@ -296,7 +312,9 @@ export function createUploadGrantHandler({
     if (typeof meetingId !== "string" || !meetingId) return jsonResponse({ error: "meetingId is required" }, 400);
     try {
       // One job per meeting, however many times the browser asks for a grant and uploads.
-      const grant = await createUploadGrant({ language, callbackUrl, diarize, idempotencyKey: `meeting-${meetingId}` },
+      // A live grant asked again (a reload, an expired grant) authorizes the same upload: the key is the meeting.
+      const grant = await createUploadGrant(
+        { language, callbackUrl, diarize, live, expiresIn, idempotencyKey: `meeting-${meetingId}` },
         config ?? configFromEnv());
       return jsonResponse(grant, 201);
     } catch (error) {
@@ -341,6 +359,48 @@ export function createUploadHandler({
       if (error instanceof WhisperError) return relayed(error);
       throw error;
     }
+  };
+}
+
+/**
+ * Route handler that relays a job's live events to the browser (`export const GET = createJobEventsHandler(...)`
+ * in `app/api/whisper/jobs/[id]/events/route.ts`): an EventSource cannot send the API key, so the route adds it.
+ * `Last-Event-ID` (an EventSource's reconnection) and `?last_event_id=` pass through, so a stream cut by the
+ * network or by the platform's time limit on a function resumes after the last event, with no repeat.
+ * `authorize` decides who may follow which job (PILOTYS's session and the meeting's owner).
+ */
+export function createJobEventsHandler({
+  authorize,
+  config,
+}: {
+  authorize?: (request: Request, jobId: string) => Promise<boolean>;
+  config?: WhisperConfig;
+} = {}) {
+  return async function GET(
+    request: Request,
+    context?: { params: Promise<{ id: string }> | { id: string } },
+  ): Promise<Response> {
+    const url = new URL(request.url);
+    const jobId = (await context?.params)?.id ?? url.pathname.match(/\/jobs\/([^/]+)\/events\/?$/)?.[1];
+    if (!jobId) return jsonResponse({ error: "no job id in the path" }, 400);
+    if (authorize && !(await authorize(request, jobId))) return jsonResponse({ error: "not allowed" }, 403);
+    const { apiUrl, apiKey } = config ?? configFromEnv();
+    const headers: Record<string, string> = { Authorization: `Bearer ${apiKey}`, Accept: "text/event-stream" };
+    const resumeAfter = request.headers.get("Last-Event-ID") ?? url.searchParams.get("last_event_id");
+    if (resumeAfter) headers["Last-Event-ID"] = resumeAfter;
+    let upstream: Response;
+    try {
+      // No timeout: the stream lasts the meeting; the browser going away (request.signal) closes it upstream.
+      upstream = await fetch(`${apiUrl}/v1/jobs/${encodeURIComponent(jobId)}/events`, { headers, signal: request.signal });
+    } catch {
+      return jsonResponse({ error: "the transcription server cannot be reached" }, 502);
+    }
+    if (upstream.status === 204) return new Response(null, { status: 204 }); // the job has ended: EventSource stops
+    if (!upstream.ok) return relayed(await errorFrom(upstream));
+    return new Response(upstream.body, {
+      status: 200,
+      headers: { "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no" },
+    });
   };
 }
 

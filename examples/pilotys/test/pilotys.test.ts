@@ -1,13 +1,12 @@
 // The PILOTYS client against the real service (real model), with a real HTTPS webhook receiver.
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync, type ChildProcess } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer as createHttpsServer, type Server } from "node:https";
-import { createServer as createNetServer, type AddressInfo } from "node:net";
-import { tmpdir, homedir } from "node:os";
-import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 
 import {
   WhisperError,
@@ -27,9 +26,8 @@ import {
   type VerboseTranscript,
   type WhisperConfig,
 } from "../src/whisper.js";
+import { ASSETS, PYTHON, ROOT, startService, until as untilReady, type Service } from "./harness.js";
 
-const ROOT = resolve(fileURLToPath(new URL(".", import.meta.url)), "../../../..");
-const ASSETS = process.env.PILOTYS_WHISPER_ASSETS ?? join(homedir(), ".cache/pilotys-whisper/assets");
 const KEY = "pilotys-test-key-0123456789";
 const SECRET = "pilotys-webhook-secret-0123456789";
 const ORIGIN = "https://app.pilotys.example";
@@ -37,35 +35,18 @@ const ORIGIN = "https://app.pilotys.example";
 const VERCEL_BODY_LIMIT = 4.5 * 1000 * 1000;
 const work = mkdtempSync(join(tmpdir(), "pilotys-client-"));
 
-let service: ChildProcess;
-let serviceLog = "";
+let service: Service;
 let receiver: Server;
 let config: WhisperConfig;
 let callbackUrl: string;
 const delivered: Array<{ job: Job; text: string; result: VerboseTranscript }> = [];
-const PYTHON = process.env.WHISPER_SERVICE_PYTHON ?? "python3";
 
 function recording(name = "fr_meeting.webm"): Blob {
   return new Blob([readFileSync(join(ASSETS, "audio", name))], { type: "audio/webm" });
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((done) => {
-    const server = createNetServer().listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as AddressInfo;
-      server.close(() => done(port));
-    });
-  });
-}
-
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 120_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}\n${serviceLog}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
+function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 120_000): Promise<T> {
+  return untilReady(what, probe, timeoutMs, () => service.log());
 }
 
 before(async () => {
@@ -75,32 +56,18 @@ before(async () => {
     "-addext", "subjectAltName=IP:127.0.0.1"], { stdio: "ignore" });
   writeFileSync(join(work, "keys"), `${KEY} label=pilotys webhook_secret=${SECRET}\n`);
 
-  const port = await freePort();
-  config = { apiUrl: `http://127.0.0.1:${port}`, apiKey: KEY };
-  service = spawn(PYTHON, ["-m", "pilotys_whisper", "serve"], {
-    env: {
-      ...process.env,
-      PYTHONPATH: join(ROOT, "service", "src"),
-      WHISPER_MODEL: join(ASSETS, "models", "base"),
-      WHISPER_PORT: String(port),
-      WHISPER_API_KEYS_FILE: join(work, "keys"),
-      WHISPER_STATE_DIR: join(work, "state"),
-      WHISPER_WEBHOOK_ALLOW_PRIVATE: "127.0.0.0/8",
-      WHISPER_WEBHOOK_CA_FILE: join(work, "hook.crt"),
-      WHISPER_WEBHOOK_BACKOFF_S: "1",
-      WHISPER_CORS_ORIGINS: ORIGIN,
-      // Speakers, with the ONNX speaker model `make assets` builds.
-      WHISPER_DIARIZATION: "true",
-      WHISPER_DIARIZATION_MODEL: join(ASSETS, "models", "ge2e", "ge2e.onnx"),
-    },
-    stdio: ["ignore", "pipe", "pipe"],
+  service = await startService({
+    WHISPER_API_KEYS_FILE: join(work, "keys"),
+    WHISPER_STATE_DIR: join(work, "state"),
+    WHISPER_WEBHOOK_ALLOW_PRIVATE: "127.0.0.0/8",
+    WHISPER_WEBHOOK_CA_FILE: join(work, "hook.crt"),
+    WHISPER_WEBHOOK_BACKOFF_S: "1",
+    WHISPER_CORS_ORIGINS: ORIGIN,
+    // Speakers, with the ONNX speaker model `make assets` builds.
+    WHISPER_DIARIZATION: "true",
+    WHISPER_DIARIZATION_MODEL: join(ASSETS, "models", "ge2e", "ge2e.onnx"),
   });
-  service.stdout?.on("data", (d) => (serviceLog += d));
-  service.stderr?.on("data", (d) => (serviceLog += d));
-  await until("the service to be ready", async () => {
-    const r = await fetch(`${config.apiUrl}/ready`);
-    return r.ok ? true : undefined;
-  });
+  config = { apiUrl: service.url, apiKey: KEY };
 
   // PILOTYS's webhook route, served over HTTPS as Vercel would.
   const webhook = createWebhookHandler({
@@ -131,10 +98,7 @@ before(async () => {
 
 after(async () => {
   receiver?.close();
-  if (service && service.exitCode === null) {
-    service.kill("SIGTERM");
-    await new Promise((done) => service.once("exit", done));
-  }
+  await service?.stop();
 });
 
 describe("PILOTYS with pilotys-whisper", () => {
