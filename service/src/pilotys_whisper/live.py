@@ -14,12 +14,12 @@ so the client that resumes at the offset HEAD answers sends them again, with no 
 An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
 job ends normally); DELETE cancels the job and deletes the audio.
 
-Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, off by default: one test run on a machine at load 21 saw the
-service abort while it ran, not understood yet): once the first data is known to be audio, a thread runs the
-engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until the upload
-is complete), so the engine's own pipeline (decode, VAD, 30 s chunks) transcribes each stretch as soon as VAD
-closes it and only the tail remains when the upload ends. That thread holds one transcription slot while the
-meeting lasts. If it fails, the job falls back to the ordinary worker on the whole file.
+Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, on by default): once the first data is known to be audio, a
+thread runs the engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until
+the upload is complete), so the engine's own pipeline (decode, VAD, chunks) transcribes each stretch as soon as VAD
+closes it (TranscribeOptions.live) and only the tail remains when the upload ends; the log says how many seconds
+of audio that tail held. That thread holds one transcription slot while the meeting lasts. If it fails, the job
+falls back to the ordinary worker on the whole file.
 
 One host (the SQLite backend): an upload lives on the worker that created it. The PostgreSQL backend answers 501.
 """
@@ -188,6 +188,7 @@ class LiveUploads:
         self._cancelled: set[str] = set()
         self.incremental = self.settings.live_incremental
         self.transcribed_s: dict[str, float] = {}  # seconds of audio transcribed so far, per live upload
+        self._transcribed_at_end: dict[str, float] = {}  # ... when the upload became complete (the tail follows)
         if self.available:
             self.manager.store._conn().executescript(SCHEMA)
 
@@ -508,6 +509,7 @@ class LiveUploads:
                                (upload["received"], upload["job_id"]))
             if live:
                 self._progress[upload["id"]] = (upload["received"], True)
+                self._transcribed_at_end[upload["id"]] = self.transcribed_s.get(upload["id"], 0.0)
                 self._cond.notify_all()
         if not live:
             self.manager.wake.set()
@@ -582,6 +584,7 @@ class LiveUploads:
                          f"{self.transcribed_s.get(upload_id, 0.0):.0f} s of audio; what came after is not audio")
                 manager.store.execute("UPDATE live_uploads SET state = 'finished' WHERE id = ?", (upload_id,))
         self.transcribed_s.pop(upload_id, None)
+        transcribed_at_end = self._transcribed_at_end.pop(upload_id, None)
         if outcome is None:
             if finished and not manager.stopping.is_set():
                 self._queue(job_id)  # the upload is complete: let the worker have it
@@ -597,7 +600,13 @@ class LiveUploads:
         status = manager._finish(job_id, attempt, outcome, result=result, error=error)
         if result is not None:
             self.state.metrics.observe_transcription(result.duration, time.time() - now)
-        log.info("live upload %s: job %s %s", upload_id, job_id, status)
+        if result is not None and transcribed_at_end is not None:
+            # The work the end of the meeting still cost: audio the model had not reached when the upload ended.
+            log.info("live upload %s: job %s %s, %.1f s of its %.1f s of audio transcribed after the upload "
+                     "ended", upload_id, job_id, status, max(0.0, result.duration - transcribed_at_end),
+                     result.duration)
+        else:
+            log.info("live upload %s: job %s %s", upload_id, job_id, status)
 
     def _queue(self, job_id: str) -> None:
         self.manager.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'receiving'", (job_id,))
