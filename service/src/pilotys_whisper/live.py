@@ -18,8 +18,8 @@ Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, on by default): once the fi
 thread runs the engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until
 the upload is complete), so the engine's own pipeline (decode, VAD, chunks) transcribes each stretch as soon as VAD
 closes it (TranscribeOptions.live) and only the tail remains when the upload ends; the log says how many seconds
-of audio that tail held. That thread holds one transcription slot while the meeting lasts. If it fails, the job
-falls back to the ordinary worker on the whole file.
+of audio that tail held. That thread takes a transcription slot for each chunk the model decodes, not while it
+waits for audio. If it fails, the job falls back to the ordinary worker on the whole file.
 
 One host (the SQLite backend): an upload lives on the worker that created it. The PostgreSQL backend answers 501.
 """
@@ -558,10 +558,11 @@ class LiveUploads:
             while not self.state.ready.wait(1.0):  # after a restart, the model may still be loading
                 if manager.stopping.is_set():
                     raise _Stopping()
-            with self.state.admission.slot(bounded_queue=False):
-                result = self.state.engine.transcribe(
-                    source, options, progress, should_stop,
-                    on_segments=lambda segments: manager.publish_segments(job_id, segments))
+            # A slot only while the model works: waiting for the meeting's audio, it leaves the slot to others.
+            result = self.state.engine.transcribe(
+                source, options, progress, should_stop,
+                on_segments=lambda segments: manager.publish_segments(job_id, segments),
+                hold=lambda: self.state.admission.slot(bounded_queue=False))
             outcome = "succeeded"
         except (_Stopping, Cancelled):
             outcome = None  # stopping: again at start-up; cancelled: the job already says so

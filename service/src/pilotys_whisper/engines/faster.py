@@ -10,6 +10,7 @@ looks wrong (repetitive or improbable) is decoded again with beam search and tem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -25,6 +26,7 @@ from ..audio import SAMPLE_RATE, PcmStream
 from ..repetition import cut_loops, find_loops
 from . import (
     Cancelled,
+    HoldFn,
     ProgressFn,
     Segment,
     SegmentsFn,
@@ -349,7 +351,8 @@ class FasterWhisperEngine:
     # -- one request ---------------------------------------------------------------------------------------
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
+                   hold: HoldFn | None = None) -> Transcription:
         from faster_whisper.vad import VadOptions
 
         assert self._model is not None, "load() first"
@@ -361,7 +364,7 @@ class FasterWhisperEngine:
                                                     vad_options), PREFETCH_REGIONS)
                 with prefetch as regions:
                     self._decode_all(run, regions, options, progress, should_stop, on_segments,
-                                     ready=prefetch.ready if options.live else None)
+                                     ready=prefetch.ready if options.live else None, hold=hold)
             duration = stream.seconds_read
         finally:
             release_free_memory()
@@ -374,7 +377,7 @@ class FasterWhisperEngine:
 
     def _decode_all(self, run: _Run, regions: Iterator[Region], options: TranscribeOptions,
                     progress: ProgressFn | None, should_stop: StopFn | None, on_segments: SegmentsFn | None,
-                    ready=None) -> None:
+                    ready=None, hold: HoldFn | None = None) -> None:
         """The regions, packed into chunks and batches, through the model (segments handed out as they settle)."""
         total = options.duration_hint or 0.0
         packer = _Packer(regions, ready=ready, min_chunk_s=LIVE_MIN_CHUNK_S)
@@ -383,7 +386,8 @@ class FasterWhisperEngine:
         while batch := packer.next_batch(size):
             if should_stop is not None and should_stop():
                 raise Cancelled()
-            packer.give_back(run.decode_batch(batch))
+            with hold() if hold is not None else contextlib.nullcontext():
+                packer.give_back(run.decode_batch(batch))
             done = max(done, batch[-1].source_end)
             if on_segments is not None and (final := run.settled(packer.pending_start())):
                 on_segments(final)
