@@ -224,7 +224,8 @@ def test_transcribed_as_it_arrives_so_that_only_the_tail_remains(server, lecture
     state = wait_finished(server, job_id, timeout=1800)
     assert state["status"] == "succeeded", state
     assert state["attempts"] == 1
-    logged = re.search(rf"job {job_id} succeeded, ([0-9.]+) s of its ([0-9.]+) s of audio transcribed after the "
+    upload_id = location.rsplit("/", 1)[1]
+    logged = re.search(rf"live upload {upload_id}: ([0-9.]+) s of its ([0-9.]+) s of audio transcribed after the "
                        "upload ended", server.logs())
     assert logged, server.logs()[-3000:]
     assert float(logged[1]) <= LIVE_OPEN_S + 2, logged[0]  # the tail: the open speech and the last timeslice

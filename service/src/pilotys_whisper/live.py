@@ -586,6 +586,11 @@ class LiveUploads:
                 manager.store.execute("UPDATE live_uploads SET state = 'finished' WHERE id = ?", (upload_id,))
         self.transcribed_s.pop(upload_id, None)
         transcribed_at_end = self._transcribed_at_end.pop(upload_id, None)
+        if result is not None and transcribed_at_end is not None:
+            # The work the end of the meeting still cost: audio the model had not reached when the upload ended
+            # (logged before the job ends, so that whoever sees the result finds it).
+            log.info("live upload %s: %.1f s of its %.1f s of audio transcribed after the upload ended", upload_id,
+                     max(0.0, result.duration - transcribed_at_end), result.duration)
         if outcome is None:
             if finished and not manager.stopping.is_set():
                 self._queue(job_id)  # the upload is complete: let the worker have it
@@ -601,13 +606,7 @@ class LiveUploads:
         status = manager._finish(job_id, attempt, outcome, result=result, error=error)
         if result is not None:
             self.state.metrics.observe_transcription(result.duration, time.time() - now)
-        if result is not None and transcribed_at_end is not None:
-            # The work the end of the meeting still cost: audio the model had not reached when the upload ended.
-            log.info("live upload %s: job %s %s, %.1f s of its %.1f s of audio transcribed after the upload "
-                     "ended", upload_id, job_id, status, max(0.0, result.duration - transcribed_at_end),
-                     result.duration)
-        else:
-            log.info("live upload %s: job %s %s", upload_id, job_id, status)
+        log.info("live upload %s: job %s %s", upload_id, job_id, status)
 
     def _queue(self, job_id: str) -> None:
         self.manager.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'receiving'", (job_id,))
