@@ -453,6 +453,35 @@ def test_every_delivery_failure_is_recorded_and_the_job_still_purged(make_app, e
         app.extensions["whisper"].jobs.stop()
 
 
+def test_a_job_whose_event_cannot_be_built_fails_its_webhook_and_is_purged(make_app, audio, tmp_path):
+    """A stored result that cannot be read (written by another version, or damaged) must end the delivery as a
+    recorded failure, not raise on every round, keeping the job pending and never purged."""
+    port = free_port()  # nothing listens: the first attempt fails at once and the next is an hour away
+    app = make_app(WHISPER_WEBHOOK_ALLOW_PRIVATE="127.0.0.0/8", WHISPER_WEBHOOK_TIMEOUT_S=1,
+                   WHISPER_WEBHOOK_BACKOFF_S=3600, WHISPER_WEBHOOK_MAX_ATTEMPTS=3, WHISPER_JOB_RETENTION_S=2)
+    store = app.extensions["whisper"].jobs.store
+    try:
+        client = app.test_client()
+        job_id = submit(client, audio, callback_url=f"https://127.0.0.1:{port}/hook").get_json()["id"]
+        deadline = time.monotonic() + 30
+        while len(wait_status(client, job_id, ("succeeded",))["webhook"]["attempts"]) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        store.execute("UPDATE jobs SET options = ?, result = ?, webhook_next_at = ? WHERE id = ?",
+                      (json.dumps({"speakers": {}}), "{not json", time.time(), job_id))
+        while (row := store.query("SELECT webhook_status, webhook_attempts FROM jobs WHERE id = ?",
+                                  (job_id,)))[0]["webhook_status"] != "failed":
+            assert time.monotonic() < deadline, f"the unreadable job's delivery was not recorded: {dict(row[0])}"
+            time.sleep(0.1)
+        attempts = json.loads(row[0]["webhook_attempts"])
+        assert len(attempts) == 2 and "could not be read" in attempts[-1]["error"], attempts
+        while store.query("SELECT id FROM jobs WHERE id = ?", (job_id,)):
+            assert time.monotonic() < deadline, "the job was not purged"
+            time.sleep(0.2)
+    finally:
+        app.extensions["whisper"].jobs.stop()
+
+
 def test_each_delivery_is_claimed_from_its_own_start(make_app, audio, tmp_path):
     """Ten deliveries due at once, each taking 0.8 s: the last ones must not start on a claim that has run out
     (another worker would send them too); the claim is counted from when each one is taken."""

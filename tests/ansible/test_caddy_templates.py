@@ -135,6 +135,16 @@ def test_a_gateway_leaves_the_check_to_its_workers(tmp_path):
     assert "body_not_accepted" not in caddyfile
 
 
+def test_a_gateway_without_a_shared_queue_refuses_what_lives_on_one_worker(tmp_path):
+    """The sqlite backend keeps jobs and live uploads on the worker that took them: the gateway refuses them
+    (the defaults); with a shared queue (PostgreSQL holds both) it passes them on."""
+    refused = re.search(r"^\t@refused path (.*)$", render("caddy", "Caddyfile.j2", tmp_path, GATEWAY), re.MULTILINE)
+    assert refused is not None
+    assert set(refused.group(1).split()) == {"/v1/jobs", "/v1/jobs/*", "/v1/uploads", "/v1/live", "/v1/live/*"}
+    shared = render("caddy", "Caddyfile.j2", tmp_path, {**GATEWAY, "caddy_upstreams_refused_paths": []})
+    assert "@refused" not in shared
+
+
 # -- the rendered Caddyfile in front of the real service ---------------------------------------------------------
 
 KEY = "edge-test-key-0123456789"

@@ -216,6 +216,81 @@ def test_a_job_through_the_gateway_survives_its_worker_being_killed(gateway, wor
         restart_worker(gateway, workers, worker_addresses, killed)
 
 
+def tus(key: str, **headers) -> dict:
+    return {"Authorization": f"Bearer {key}", "Tus-Resumable": "1.0.0", **headers}
+
+
+def live_offset(address: str, key: str, ca: str, location: str) -> int:
+    """HEAD through the gateway, asked again while it still sends traffic to a worker that died (502/503)."""
+    while True:
+        try:
+            r = requests.head(f"https://{address}{location}", headers=tus(key), verify=ca, timeout=30)
+        except requests.ConnectionError:
+            r = None
+        if r is not None and r.status_code not in (502, 503):
+            assert r.status_code == 200, r.status_code
+            return int(r.headers["Upload-Offset"])
+        time.sleep(1)
+
+
+def live_send(address: str, key: str, ca: str, location: str, data: bytes, offset: int, end: int) -> int:
+    """PATCH data[offset:end] through the gateway in 16 kB timeslices, as tus-js-client does: after an error
+    (a 502 from a dead worker, a 409 when an answer was lost) ask HEAD for the offset and go on from there."""
+    while offset < end:
+        piece = data[offset:min(offset + 16_000, end)]
+        try:
+            r = requests.patch(f"https://{address}{location}", data=piece, verify=ca, timeout=60,
+                               headers=tus(key, **{"Upload-Offset": str(offset),
+                                                   "Content-Type": "application/offset+octet-stream"}))
+        except requests.ConnectionError:
+            r = None
+        if r is not None and r.status_code == 204:
+            offset = int(r.headers["Upload-Offset"])
+            continue
+        assert r is None or r.status_code in (409, 502, 503), r.text
+        time.sleep(1)
+        offset = live_offset(address, key, ca, location)
+    return offset
+
+
+def test_a_live_upload_survives_its_worker_being_killed_mid_meeting(gateway, workers, worker_addresses, address,
+                                                                   api_key, ca_bundle):
+    """A live upload (tus) through the gateway lives in PostgreSQL: kill -9 the worker that created it in the
+    middle of the meeting (and keep it down), the recording goes on through the gateway on the other worker,
+    the job is queued once the length is declared and succeeds with the whole recording."""
+    data = FRENCH.read_bytes()
+    r = requests.post(f"https://{address}/v1/live", data=data[:16_000], verify=ca_bundle, timeout=60,
+                      headers=tus(api_key, **{"Upload-Defer-Length": "1", "Upload-Metadata": "language ZnI=",
+                                              "Content-Type": "application/offset+octet-stream"}))
+    assert r.status_code == 201, (r.text, journals(gateway, workers))
+    location, job_id = r.headers["Location"], r.headers["Whisper-Job-Id"]
+    upload_id = location.rsplit("/", 1)[1]
+    half = live_send(address, api_key, ca_bundle, location, data, 16_000, len(data) // 2)
+    created_on = [name for name, w in workers.items() if w.run(
+        f"journalctl -u whisper-service --no-pager | grep -c 'live upload {upload_id} created' || true"
+    ).stdout.strip() not in ("", "0")]
+    assert len(created_on) == 1, (created_on, journals(gateway, workers))
+    killed, other = created_on[0], next(name for name in WORKERS if name != created_on[0])
+    workers[killed].run("systemctl kill --signal=SIGKILL whisper-service; systemctl stop whisper-service")
+    try:
+        assert live_offset(address, api_key, ca_bundle, location) == half  # nothing acknowledged was lost
+        assert get_job(address, api_key, ca_bundle, job_id)["status"] == "receiving"
+        assert live_send(address, api_key, ca_bundle, location, data, half, len(data)) == len(data)
+        # Recording stops: the length is declared (an empty PATCH), and the job goes to the queue.
+        r = requests.patch(f"https://{address}{location}", data=b"", verify=ca_bundle, timeout=60,
+                           headers=tus(api_key, **{"Upload-Offset": str(len(data)), "Upload-Length": str(len(data)),
+                                                   "Content-Type": "application/offset+octet-stream"}))
+        assert r.status_code == 204, r.text
+        state = wait_job(address, api_key, ca_bundle, job_id, 240)
+        assert state["status"] == "succeeded" and state["attempts"] == 1, (state, journals(gateway, workers))
+        assert times_taken(workers[other], job_id) == 1, journals(gateway, workers)
+        text = requests.get(f"https://{address}/v1/jobs/{job_id}/result?format=text", verify=ca_bundle,
+                            headers={"Authorization": f"Bearer {api_key}"}, timeout=30).text.lower()
+        assert "bonjour" in text and "réunion" in text, text
+    finally:
+        restart_worker(gateway, workers, worker_addresses, killed)
+
+
 def test_the_queue_answers_the_workers_only_and_over_tls(gateway, workers):
     queue = gateway.ansible.get_variables()["ansible_host"]
     assert not port_open(queue, 5432)  # this machine is no worker: the firewall drops it

@@ -126,6 +126,10 @@ class SqliteBackend:
             raise
         db.execute("COMMIT")
 
+    def create_tables(self, sql: str) -> None:
+        """Tables of another module (live uploads), with IF NOT EXISTS."""
+        self._conn().executescript(sql)
+
     def query(self, sql: str, args=()) -> list:
         return self._conn().execute(sql, args).fetchall()
 
@@ -701,15 +705,22 @@ class JobManager:
         principal = self.state.keyring.principal_for(row["owner"])
         attempts = json.loads(row["webhook_attempts"])
         record: dict = {"at": _iso(time.time())}
-        delivered = False
+        delivered = unreadable = False
+        event = None
         if principal is None or not principal.webhook_secret:
             record["error"] = "the API key or its webhook secret was removed"
         else:
             event_type = f"job.{row['status']}"
-            # The same event on every attempt and from every worker (as Stripe's webhooks): receivers deduplicate
-            # on its id.
-            event = {"id": event_id(row["id"], event_type), "type": event_type,
-                     "created_at": _iso(row["finished_at"]), "data": self._view(row, with_speakers=True)}
+            try:
+                # The same event on every attempt and from every worker (as Stripe's webhooks): receivers
+                # deduplicate on its id.
+                event = {"id": event_id(row["id"], event_type), "type": event_type,
+                         "created_at": _iso(row["finished_at"]), "data": self._view(row, with_speakers=True)}
+            except (ValueError, TypeError, KeyError):  # a stored result another version wrote, or damaged
+                log.exception("job %s: its event could not be built", row["id"])
+                record["error"] = "the job's stored result could not be read to build its event"
+                unreadable = True
+        if event is not None:
             body = json.dumps(event).encode()
             try:
                 status = self.policy.deliver(row["callback_url"], principal.webhook_secret, body, event["id"])
@@ -720,7 +731,7 @@ class JobManager:
         attempts.append(record)
         if delivered:
             status, next_at = "delivered", None
-        elif len(attempts) >= self.settings.webhook_max_attempts or principal is None:
+        elif len(attempts) >= self.settings.webhook_max_attempts or principal is None or unreadable:
             status, next_at = "failed", None
         else:
             delay = self.settings.webhook_backoff_s * 2 ** (len(attempts) - 1)

@@ -102,6 +102,12 @@ class PostgresBackend:
 
     # -- the store -------------------------------------------------------------------------------------------
 
+    def create_tables(self, sql: str) -> None:
+        """Tables of another module (live uploads), with IF NOT EXISTS: one worker at a time, as the schema."""
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            conn.execute(sql)
+
     @contextlib.contextmanager
     def transaction(self):
         with _unavailable(), self.pool.connection() as conn, conn.transaction():

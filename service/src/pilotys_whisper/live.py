@@ -7,10 +7,11 @@ while the audio arrives, and is queued as soon as the declared length is reached
 
 Extensions: creation, creation-with-upload, creation-defer-length, termination, expiration, checksum (sha1).
 
-Durable: the bytes go straight to the job's audio file in the spool; each PATCH is fsynced (the file, and its
-directory when it is created) and its offset committed to the database before the 204 that acknowledges it.
-After a crash the file is cut back to the committed offset: bytes written but never acknowledged are dropped,
-so the client that resumes at the offset HEAD answers sends them again, with no gap and no duplicate.
+Durable (live_storage.py): each PATCH's bytes and its new offset are committed together before the 204 that
+acknowledges it; what an interrupted PATCH had written is dropped, so the client that resumes at the offset
+HEAD answers sends it again, with no gap and no duplicate. SQLite backend: the job's audio file in the spool,
+fsynced (the file, and its directory when created). PostgreSQL backend: rows of the jobs database, so that
+any worker takes the next PATCH or HEAD and a worker lost mid-meeting loses nothing it acknowledged.
 An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
 job ends normally); DELETE cancels the job and deletes the audio.
 
@@ -19,9 +20,8 @@ thread runs the engine on the growing file (GrowingFile: it reads only acknowled
 the upload is complete), so the engine's own pipeline (decode, VAD, chunks) transcribes each stretch as soon as VAD
 closes it (TranscribeOptions.live) and only the tail remains when the upload ends; the log says how many seconds
 of audio that tail held. That thread takes a transcription slot for each chunk the model decodes, not while it
-waits for audio. If it fails, the job falls back to the ordinary worker on the whole file.
-
-One host (the SQLite backend): an upload lives on the worker that created it. The PostgreSQL backend answers 501.
+waits for audio. If it fails, the job falls back to the ordinary worker on the whole file. SQLite backend only:
+on PostgreSQL the complete upload is queued as any job (a worker takes it from the queue).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -43,7 +42,7 @@ from email.utils import formatdate
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 
-from . import audio, grants
+from . import audio, grants, live_storage
 from .engines import Cancelled, TranscribeOptions
 from .errors import ApiError
 
@@ -84,14 +83,6 @@ CREATE TABLE IF NOT EXISTS live_uploads (
 CREATE INDEX IF NOT EXISTS live_uploads_by_state ON live_uploads (state, updated_at);
 """
 # receiving: PATCH appends; finished: the job has all it will get (length reached, idle, too large, bad data).
-
-
-def fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_metadata(header: str | None) -> dict[str, str]:
@@ -177,7 +168,7 @@ class LiveUploads:
         self.manager = manager
         self.state = manager.state
         self.settings = manager.settings
-        self.available = not manager.store.shared
+        self.storage = live_storage.storage_for(manager)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # Live transcription: per upload, (acknowledged bytes, complete?) for its GrowingFile; the uploads a thread
@@ -186,18 +177,17 @@ class LiveUploads:
         self._progress: dict[str, tuple[int, bool]] = {}
         self._transcribing: set[str] = set()
         self._cancelled: set[str] = set()
-        self.incremental = self.settings.live_incremental
+        self.incremental = self.settings.live_incremental and self.storage.growing_file
         self.transcribed_s: dict[str, float] = {}  # seconds of audio transcribed so far, per live upload
         self._transcribed_at_end: dict[str, float] = {}  # ... when the upload became complete (the tail follows)
-        if self.available:
-            self.manager.store._conn().executescript(SCHEMA)
+        self.manager.store.create_tables(SCHEMA)
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.available:
-            self.manager.spawn(self._housekeeping, "live-housekeeping")
-            # Uploads whose live transcription the last stop (or crash) cut off start again from the file.
+        self.manager.spawn(self._housekeeping, "live-housekeeping")
+        # Uploads whose live transcription the last stop (or crash) cut off start again from the file.
+        if self.incremental:
             for row in self.manager.store.query(
                     "SELECT u.* FROM live_uploads u JOIN jobs j ON j.id = u.job_id "
                     "WHERE j.status = 'receiving' AND u.probed = 1"):
@@ -222,7 +212,7 @@ class LiveUploads:
                 if upload is not None and upload["state"] == "receiving" and upload["updated_at"] <= cutoff:
                     log.info("live upload %s idle for %d s: finalized with %d bytes", upload["id"],
                              self.settings.live_idle_timeout_s, upload["received"])
-                    self._finalize(upload)
+                    self._finalize(upload, idle_before=cutoff)
         # Uploads whose job is gone (purged after its retention) go too.
         self.manager.store.execute("DELETE FROM live_uploads WHERE job_id NOT IN (SELECT id FROM jobs)")
         return len(rows)
@@ -301,10 +291,7 @@ class LiveUploads:
         options = {k: v for k, v in asdict(options).items() if k != "max_duration_s"}
         job_id = "job_" + uuid.uuid4().hex
         upload_id = "up_" + uuid.uuid4().hex
-        path = self._path(job_id)
-        with open(path, "xb") as f:  # the file, then its name, are safe before the upload exists
-            os.fsync(f.fileno())
-        fsync_dir(path.parent)
+        self.storage.create(job_id)
         now = time.time()
         try:
             with self.manager.store.transaction() as db:
@@ -320,10 +307,19 @@ class LiveUploads:
                            "updated_at) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?)",
                            (upload_id, job_id, principal.owner, grant_key, length, now, now))
         except _Replay:
-            path.unlink(missing_ok=True)
+            self.storage.discard(job_id)
             return self._replayed(self.manager._by_idempotency_key(principal.owner, idempotency_key))
+        except Exception:
+            self.storage.discard(job_id)
+            existing = None
+            if idempotency_key:  # PostgreSQL: a creation with this key committed while this one waited for it
+                with contextlib.suppress(ApiError):
+                    existing = self.manager._by_idempotency_key(principal.owner, idempotency_key)
+            if existing is None:
+                raise
+            return self._replayed(existing)
         except BaseException:
-            path.unlink(missing_ok=True)
+            self.storage.discard(job_id)
             raise
         log.info("live upload %s created for job %s (%s)", upload_id, job_id,
                  f"{length} bytes" if length is not None else "length deferred")
@@ -404,14 +400,7 @@ class LiveUploads:
         if upload is None:
             raise _not_found()
         job = self.manager._get(upload["job_id"])
-        if job is None or job["status"] == "cancelled":
-            raise ApiError(410, "upload_cancelled", "this upload's job was cancelled: its audio is deleted")
-        if upload["state"] != "receiving" or job["status"] != "receiving":
-            raise ApiError(403, "upload_finished",
-                           f"this upload is complete ({upload['received']} bytes): its job is {job['status']}")
-        if offset != upload["received"]:
-            raise ApiError(409, "offset_mismatch", f"the upload is at offset {upload['received']}, not {offset}: "
-                           "ask HEAD for the offset and resume from there")
+        _check_appendable(upload["received"], upload["state"], job["status"] if job else None, offset)
         length = upload["length"]
         declared = _integer("Upload-Length")
         if declared is not None:
@@ -435,40 +424,34 @@ class LiveUploads:
             self._finalize(upload)
             raise _too_large(max_bytes, upload["received"])
         request.max_content_length = room + 1  # the per-request bound on bodies (app.py) is for form fields
-        path = self._path(upload["job_id"])
-        written = 0
-        digest = checksum[0]() if checksum else None
-        try:
-            f = open(path, "r+b")  # noqa: SIM115 - closed below
-        except FileNotFoundError:  # the job ended meanwhile (its live transcription failed) and its audio went
-            raise ApiError(403, "upload_finished", "this upload's job has ended: it takes no more data") from None
-        with f:
-            f.truncate(offset)  # what a crash left past the acknowledged offset is not part of the upload
-            f.seek(offset)
+
+        def body():
+            """The request's body in pieces; raises (and the storage keeps none of it) past the room left or
+            when it does not match Upload-Checksum."""
+            written, digest = 0, checksum[0]() if checksum else None
             while chunk := request.stream.read(READ_BYTES):
                 written += len(chunk)
                 if written > room:
-                    f.truncate(offset)
-                    f.flush()
-                    os.fsync(f.fileno())
-                    self._finalize(upload)
-                    raise _too_large(max_bytes, upload["received"])
+                    raise _TooLarge()
                 if digest is not None:
                     digest.update(chunk)
-                f.write(chunk)
+                yield chunk
             if digest is not None and digest.digest() != checksum[1]:
-                f.truncate(offset)
-                f.flush()
-                os.fsync(f.fileno())
                 raise ApiError(460, "checksum_mismatch", "the data does not match Upload-Checksum: it was dropped; "
                                f"send it again from offset {offset}")
-            f.flush()
-            os.fsync(f.fileno())
-        received = offset + written
-        self.manager.store.execute(
-            "UPDATE live_uploads SET received = ?, length = ?, updated_at = ? WHERE id = ?",
-            (received, length, time.time(), upload["id"]))
-        self.manager.store.execute("UPDATE jobs SET size = ? WHERE id = ?", (received, upload["job_id"]))
+
+        def check(row) -> None:  # asked again by a storage shared by several workers, under its row lock
+            if row is None:
+                raise _not_found()
+            _check_appendable(row["received"], row["state"], row["status"], offset)
+
+        try:
+            received = self.storage.append(upload["id"], upload["job_id"], offset, length, body(), check)
+        except _TooLarge:
+            self._finalize(upload)
+            raise _too_large(max_bytes, upload["received"]) from None
+        except FileNotFoundError:  # the job ended meanwhile (its live transcription failed) and its audio went
+            raise ApiError(403, "upload_finished", "this upload's job has ended: it takes no more data") from None
         upload = self._row(upload["id"])
         with self._cond:
             if upload["id"] in self._progress:
@@ -486,33 +469,35 @@ class LiveUploads:
     def _probe(self, upload) -> None:
         """Open what arrived as audio: undecodable data fails the job now, at its first chunk."""
         try:
-            audio.probe(str(self._path(upload["job_id"])))
+            with self.storage.local(upload["job_id"]) as path:
+                audio.probe(path)
         except ApiError as exc:
             message = f"the live upload is not audio this service can decode: {exc.message}"
             self._fail(upload, "undecodable_audio", message)
             raise ApiError(422, "undecodable_audio", message) from exc
         self.manager.store.execute("UPDATE live_uploads SET probed = 1 WHERE id = ?", (upload["id"],))
 
-    def _finalize(self, upload) -> None:
+    def _finalize(self, upload, idle_before: float | None = None) -> None:
         """The upload has all it will get: its live transcription ends with the tail, or (without one) its job is
-        queued with what was received."""
+        queued with what was received. idle_before: only if no PATCH came since (another worker's, meanwhile)."""
         if not upload["received"]:
             self._fail(upload, "no_audio", "the live upload ended before any audio was received")
             return
         with self._cond:
             live = upload["id"] in self._transcribing
+            sql = "UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ? AND state = 'receiving'"
+            args = [time.time(), upload["id"]]
+            if idle_before is not None:
+                sql, args = sql + " AND updated_at <= ?", [*args, idle_before]
             with self.manager.store.transaction() as db:
-                db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?",
-                           (time.time(), upload["id"]))
+                if not db.execute(sql, args).rowcount:
+                    return  # finalized already (by another worker), or it received data meanwhile
                 if not live:
-                    db.execute("UPDATE jobs SET status = 'queued', size = ? WHERE id = ? AND status = 'receiving'",
-                               (upload["received"], upload["job_id"]))
+                    self._queue(upload["job_id"], db)
             if live:
                 self._progress[upload["id"]] = (upload["received"], True)
                 self._transcribed_at_end[upload["id"]] = self.transcribed_s.get(upload["id"], 0.0)
                 self._cond.notify_all()
-        if not live:
-            self.manager.wake.set()
         log.info("live upload %s complete with %d bytes: job %s %s", upload["id"], upload["received"],
                  upload["job_id"], "transcribes its tail" if live else "queued")
 
@@ -608,17 +593,25 @@ class LiveUploads:
             self.state.metrics.observe_transcription(result.duration, time.time() - now)
         log.info("live upload %s: job %s %s", upload_id, job_id, status)
 
-    def _queue(self, job_id: str) -> None:
-        self.manager.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'receiving'", (job_id,))
-        self.manager.wake.set()
+    def _queue(self, job_id: str, db=None) -> None:
+        """In db's transaction (or one of its own): the complete upload's job goes to the queue, as any job."""
+        if db is None:
+            with self.manager.store.transaction() as db:
+                self._queue(job_id, db)
+            return
+        if db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'receiving'", (job_id,)).rowcount:
+            self.manager.store.enqueue(db, job_id)
 
     def _fail(self, upload, code: str, message: str) -> None:
         now = time.time()
         with self.manager.store.transaction() as db:
             db.execute("UPDATE live_uploads SET state = 'finished', updated_at = ? WHERE id = ?", (now, upload["id"]))
-            db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
-                       "error_message = ?, webhook_next_at = ? WHERE id = ? AND status = 'receiving'",
-                       (now, now + self.settings.job_retention_s, code, message, now, upload["job_id"]))
+            failed = db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, expires_at = ?, error_code = ?, "
+                                "error_message = ?, webhook_next_at = ? WHERE id = ? AND status = 'receiving'",
+                                (now, now + self.settings.job_retention_s, code, message, now,
+                                 upload["job_id"])).rowcount
+        if not failed:  # ended already (another worker found the same idle upload): one outcome, one event
+            return
         self.manager.store.delete_audio(upload["job_id"])
         self.manager._publish_outcome(upload["job_id"])  # the event stream ends with job.failed, as a job's does
         log.info("live upload %s: job %s failed (%s)", upload["id"], upload["job_id"], code)
@@ -626,9 +619,6 @@ class LiveUploads:
     # -- helpers -------------------------------------------------------------------------------------------
 
     def _check_request(self) -> None:
-        if not self.available:
-            raise ApiError(501, "live_not_available", "live uploads need the SQLite job backend (one host); this "
-                           "service runs the PostgreSQL one")
         version = request.headers.get("Tus-Resumable")
         if version is None:  # not a tus request at all; 412 is for a version the server does not speak (tus 1.0)
             raise ApiError(400, "tus_resumable_required", f"send Tus-Resumable: {TUS_VERSION} (tus 1.0)",
@@ -674,7 +664,7 @@ class LiveUploads:
         return rows[0] if rows else None
 
     def _path(self, job_id: str):
-        return self.manager.spool / f"{job_id}.audio"
+        return self.storage.path(job_id)  # the live transcription's GrowingFile: the spool's storage only
 
     def _upload_headers(self, upload) -> dict[str, str]:
         headers = {"Upload-Offset": str(upload["received"]), "Whisper-Job-Id": upload["job_id"]}
@@ -710,6 +700,21 @@ class LiveUploads:
 
 class _Replay(Exception):
     """A concurrent creation with the same idempotency key committed first."""
+
+
+class _TooLarge(Exception):
+    """A PATCH's body went past the room left: none of it is kept."""
+
+
+def _check_appendable(received: int, state: str, job_status: str | None, offset: int) -> None:
+    """A PATCH at offset may append to the upload (its offset, its state and its job's status as read)."""
+    if job_status is None or job_status == "cancelled":
+        raise ApiError(410, "upload_cancelled", "this upload's job was cancelled: its audio is deleted")
+    if state != "receiving" or job_status != "receiving":
+        raise ApiError(403, "upload_finished", f"this upload is complete ({received} bytes): its job is {job_status}")
+    if offset != received:
+        raise ApiError(409, "offset_mismatch", f"the upload is at offset {received}, not {offset}: "
+                       "ask HEAD for the offset and resume from there")
 
 
 def _one_shot_grant() -> ApiError:
