@@ -148,7 +148,8 @@ class FakeEngine:
     def load(self) -> None:
         time.sleep(self.load_delay)
 
-    def transcribe(self, path, options, progress=None, should_stop=None, on_segments=None) -> Transcription:
+    def transcribe(self, path, options, progress=None, should_stop=None, on_segments=None,
+                   hold=None) -> Transcription:
         self.calls.append((path, options))
         assert os.path.exists(path), "the upload must exist while it is transcribed"
         self.started.set()

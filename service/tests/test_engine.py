@@ -14,6 +14,7 @@ from pilotys_whisper.engines.faster import (
     AUTO_BATCH_BEAM,
     FALLBACK_DECODER_CALLS,
     FALLBACK_TEMPERATURES,
+    LIVE_MIN_CHUNK_S,
     Chunk,
     FasterWhisperEngine,
     Region,
@@ -211,6 +212,36 @@ def test_packer_never_joins_a_tail_to_audio_that_does_not_follow_it():
     second = packer.next_batch(2)
     assert [[r.start // SAMPLE_RATE for r in c.regions] for c in second] == [[18], [45, 60]]
     assert [[r.start // SAMPLE_RATE for r in c.regions] for c in packer.next_batch(2)] == [[90]]
+
+
+def test_live_packer_decodes_what_vad_closed_without_waiting_for_30_s():
+    """A live upload: once a chunk holds LIVE_MIN_CHUNK_S and no region is ready, it goes to the model as it is
+    (the next region may be a minute of meeting away); regions that are ready still fill the chunk to 30 s."""
+    def region(start_s, length_s):
+        return Region(int(start_s * SAMPLE_RATE), np.zeros(int(length_s * SAMPLE_RATE), np.float32))
+
+    arrived = [region(0, 3), region(4, 3), region(8, 4), region(20, 12), region(33, 12), region(46, 2)]
+    waiting = [2, 4, 6]  # regions taken by when the next one is there without waiting, batch after batch
+    source = iter(arrived)
+    taken = {"n": 0}
+
+    def regions():
+        for item in source:
+            taken["n"] += 1
+            yield item
+
+    packer = _Packer(regions(), ready=lambda: taken["n"] < waiting[0], min_chunk_s=LIVE_MIN_CHUNK_S)
+    starts = lambda batch: [[r.start // SAMPLE_RATE for r in c.regions] for c in batch]  # noqa: E731
+    assert starts(packer.next_batch(1)) == [[0, 4]]  # 6 s closed, nothing more there: decoded now
+    waiting.pop(0)
+    assert starts(packer.next_batch(1)) == [[8, 20]]  # 4 s is under the minimum: it waited for the next region
+    assert taken["n"] == 4
+    waiting.pop(0)
+    assert starts(packer.next_batch(1)) == [[33, 46]]  # a region that is there joins the chunk
+    assert packer.next_batch(1) == []
+    # Without `ready` (a file that is all there), chunks are filled to 30 s as before.
+    whole = _Packer(iter([region(0, 3), region(4, 3), region(8, 4), region(20, 12)]))
+    assert starts(whole.next_batch(1)) == [[0, 4, 8, 20]]
 
 
 def test_batch_and_beam_follow_the_device_unless_set(engine, model_dir):

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -26,6 +27,9 @@ TUS = {"Tus-Resumable": "1.0.0"}
 CHUNK = {"Content-Type": "application/offset+octet-stream"}
 ORIGIN = "https://pilotys.example"
 LECTURE_WER = 0.08  # lecture_en_60s in one piece scores 0.06 (test_server.py); a gap or a duplicate costs more
+# Speech a live transcription may not have reached when the upload ends: the 5 s block the VAD has not seen yet,
+# the 3 s at its end where a region may go on, and a region still open there (engines/faster.py).
+LIVE_OPEN_S = 15.0
 
 
 def ffmpeg_stream(source: Path, *args: str) -> bytes:
@@ -183,36 +187,61 @@ def test_deferred_length_timeslices_as_a_browser_records(server, container, lect
     assert_no_leftovers(server)
 
 
-def test_transcribed_as_it_arrives_so_that_only_the_tail_remains(model_dir, tmp_path, lecture_webm):
-    """WHISPER_LIVE_INCREMENTAL: while the meeting goes on, the engine works through what arrived (HEAD says how
-    far: seconds of audio, counted, not timed); the final result is still the whole recording."""
-    server = new_server(model_dir, tmp_path / "s", WHISPER_LIVE_INCREMENTAL="true").start()
-    server.root = tmp_path / "s"
-    try:
-        transcribe_as_it_arrives(server, lecture_webm)
-    finally:
-        assert server.stop() == 0
+def one_shot(server, data: bytes) -> dict:
+    r = requests.post(f"{server.url}/v1/jobs", headers=AUTH, files={"file": ("lecture.webm", data)},
+                      data={"language": "en"}, timeout=60)
+    assert r.status_code == 202, r.text
+    return wait_finished(server, r.json()["id"], timeout=1800)
 
 
-def transcribe_as_it_arrives(server, lecture_webm):
-    pieces = cuts(lecture_webm, seed=3)
+def segments(server, job_id) -> list[dict]:
+    return requests.get(f"{server.url}/v1/jobs/{job_id}/result?format=verbose_json", headers=AUTH,
+                        timeout=10).json()["segments"]
+
+
+def test_transcribed_as_it_arrives_so_that_only_the_tail_remains(server, lecture_webm):
+    """On by default: the recording sent in 2 s timeslices over time, the engine transcribes each stretch once VAD
+    closes it (HEAD says how far: seconds of audio, counted, not timed), so that once the last timeslice arrives
+    only its last seconds remain; the transcript is the one-shot job's, within a WER point, segments aligned."""
+    seconds = 60.0
+    per_slice = round(len(lecture_webm) * 2 / seconds)  # 2 s of Opus, cut where the bytes fall (one header, first)
+    pieces = [lecture_webm[at:at + per_slice] for at in range(0, len(lecture_webm), per_slice)]
     *body, tail = pieces
     r = create(server, headers={"Upload-Defer-Length": "1"}, data=body[0])
     location, job_id, offset = r.headers["Location"], r.headers["Whisper-Job-Id"], len(body[0])
     for piece in body[1:]:
         assert patch(server, location, offset, piece).status_code == 204
         offset += len(piece)
-    deadline = time.monotonic() + 300
-    while float(head(server, location).headers.get("Whisper-Transcribed-S", "0")) < 15:
-        assert time.monotonic() < deadline, server.logs()[-3000:]
+        time.sleep(0.25)  # 8x real time: the upload is spread over the transcription, not sent at once
+    # Before the last timeslice, let the model reach what it can: all but the speech VAD has not closed yet.
+    sent_s, deadline = seconds - 2, time.monotonic() + 1800  # a guard against a hang: a loaded machine is slow
+    while (reached := float(head(server, location).headers.get("Whisper-Transcribed-S", "0"))) < sent_s - LIVE_OPEN_S:
+        assert time.monotonic() < deadline, (reached, server.logs()[-3000:])
         assert job(server, job_id)["status"] == "receiving"
         time.sleep(0.5)
     r = patch(server, location, offset, tail, headers={"Upload-Length": str(len(lecture_webm))})
     assert r.status_code == 204, r.text
-    state = wait_finished(server, job_id, timeout=900)  # the tail: up to 30 s of speech and its neighbours
+    state = wait_finished(server, job_id, timeout=1800)
     assert state["status"] == "succeeded", state
     assert state["attempts"] == 1
-    assert wer(reference("lecture_en_60s"), transcript(server, job_id)) <= LECTURE_WER
+    upload_id = location.rsplit("/", 1)[1]
+    logged = re.search(rf"live upload {upload_id}: ([0-9.]+) s of its ([0-9.]+) s of audio transcribed after the "
+                       "upload ended", server.logs())
+    assert logged, server.logs()[-3000:]
+    assert float(logged[1]) <= LIVE_OPEN_S + 2, logged[0]  # the tail: the open speech and the last timeslice
+    assert abs(float(logged[2]) - seconds) < 1
+    live_text, live_segments = transcript(server, job_id), segments(server, job_id)
+    whole = one_shot(server, lecture_webm)
+    assert whole["status"] == "succeeded", whole
+    whole_text, whole_segments = transcript(server, whole["id"]), segments(server, whole["id"])
+    truth = reference("lecture_en_60s")
+    # No more than one point worse (seen: live 0.9 %, one-shot 2.6 %: short chunks may also do better).
+    assert wer(truth, live_text) <= wer(truth, whole_text) + 0.01, (live_text, whole_text)
+    assert wer(whole_text, live_text) <= 0.05, (live_text, whole_text)  # the same words, not only as many errors
+    # Aligned: in order, not overlapping, over the same span of the recording.
+    assert all(a["end"] <= b["start"] + 0.05 for a, b in zip(live_segments, live_segments[1:], strict=False))
+    assert abs(live_segments[0]["start"] - whole_segments[0]["start"]) < 1.0
+    assert abs(live_segments[-1]["end"] - whole_segments[-1]["end"]) < 1.0
     assert f"complete with {len(lecture_webm)} bytes: job {job_id} transcribes its tail" in server.logs()
     assert_no_leftovers(server)
 

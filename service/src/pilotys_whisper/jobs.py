@@ -239,13 +239,15 @@ class JobManager:
         self.stopping.set()
         self.wake.set()
 
-    def stop(self, timeout: float = 25.0) -> None:
-        """request_stop(), then wait for the workers (up to timeout) and close the store."""
+    def stop(self, timeout: float = 25.0) -> list[str]:
+        """request_stop(), then wait for the workers (up to timeout) and close the store; the names of the
+        threads still running (inside the model, the VAD or FFmpeg: see server.run)."""
         self.request_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
+        return [thread.name for thread in self._threads if thread.is_alive()]
 
     # -- the API ---------------------------------------------------------------------------------------------
 

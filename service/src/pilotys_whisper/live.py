@@ -15,12 +15,12 @@ any worker takes the next PATCH or HEAD and a worker lost mid-meeting loses noth
 An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
 job ends normally); DELETE cancels the job and deletes the audio.
 
-Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, off by default: one test run on a machine at load 21 saw the
-service abort while it ran, not understood yet): once the first data is known to be audio, a thread runs the
-engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until the upload
-is complete), so the engine's own pipeline (decode, VAD, 30 s chunks) transcribes each stretch as soon as VAD
-closes it and only the tail remains when the upload ends. That thread holds one transcription slot while the
-meeting lasts. If it fails, the job falls back to the ordinary worker on the whole file. SQLite backend only:
+Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, on by default): once the first data is known to be audio, a
+thread runs the engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until
+the upload is complete), so the engine's own pipeline (decode, VAD, chunks) transcribes each stretch as soon as VAD
+closes it (TranscribeOptions.live) and only the tail remains when the upload ends; the log says how many seconds
+of audio that tail held. That thread takes a transcription slot for each chunk the model decodes, not while it
+waits for audio. If it fails, the job falls back to the ordinary worker on the whole file. SQLite backend only:
 on PostgreSQL the complete upload is queued as any job (a worker takes it from the queue).
 """
 
@@ -179,6 +179,7 @@ class LiveUploads:
         self._cancelled: set[str] = set()
         self.incremental = self.settings.live_incremental and self.storage.growing_file
         self.transcribed_s: dict[str, float] = {}  # seconds of audio transcribed so far, per live upload
+        self._transcribed_at_end: dict[str, float] = {}  # ... when the upload became complete (the tail follows)
         self.manager.store.create_tables(SCHEMA)
 
     # -- life cycle ----------------------------------------------------------------------------------------
@@ -495,6 +496,7 @@ class LiveUploads:
                     self._queue(upload["job_id"], db)
             if live:
                 self._progress[upload["id"]] = (upload["received"], True)
+                self._transcribed_at_end[upload["id"]] = self.transcribed_s.get(upload["id"], 0.0)
                 self._cond.notify_all()
         log.info("live upload %s complete with %d bytes: job %s %s", upload["id"], upload["received"],
                  upload["job_id"], "transcribes its tail" if live else "queued")
@@ -541,10 +543,11 @@ class LiveUploads:
             while not self.state.ready.wait(1.0):  # after a restart, the model may still be loading
                 if manager.stopping.is_set():
                     raise _Stopping()
-            with self.state.admission.slot(bounded_queue=False):
-                result = self.state.engine.transcribe(
-                    source, options, progress, should_stop,
-                    on_segments=lambda segments: manager.publish_segments(job_id, segments))
+            # A slot only while the model works: waiting for the meeting's audio, it leaves the slot to others.
+            result = self.state.engine.transcribe(
+                source, options, progress, should_stop,
+                on_segments=lambda segments: manager.publish_segments(job_id, segments),
+                hold=lambda: self.state.admission.slot(bounded_queue=False))
             outcome = "succeeded"
         except (_Stopping, Cancelled):
             outcome = None  # stopping: again at start-up; cancelled: the job already says so
@@ -567,6 +570,12 @@ class LiveUploads:
                          f"{self.transcribed_s.get(upload_id, 0.0):.0f} s of audio; what came after is not audio")
                 manager.store.execute("UPDATE live_uploads SET state = 'finished' WHERE id = ?", (upload_id,))
         self.transcribed_s.pop(upload_id, None)
+        transcribed_at_end = self._transcribed_at_end.pop(upload_id, None)
+        if result is not None and transcribed_at_end is not None:
+            # The work the end of the meeting still cost: audio the model had not reached when the upload ended
+            # (logged before the job ends, so that whoever sees the result finds it).
+            log.info("live upload %s: %.1f s of its %.1f s of audio transcribed after the upload ended", upload_id,
+                     max(0.0, result.duration - transcribed_at_end), result.duration)
         if outcome is None:
             if finished and not manager.stopping.is_set():
                 self._queue(job_id)  # the upload is complete: let the worker have it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import signal
 import threading
@@ -150,9 +151,18 @@ def run(app, settings) -> None:
             log.warning("stopping with requests still running after %.0f s", time.monotonic() - stopped_at)
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=0.5)
     finally:
+        running = []
         if state.jobs is not None:
             spent = 0.0 if stopped_at is None else time.monotonic() - stopped_at
-            state.jobs.stop(timeout=max(1.0, STOP_BUDGET_S - spent))
+            running = state.jobs.stop(timeout=max(1.0, STOP_BUDGET_S - spent))
         removed = remove_own_uploads(app)
         if removed:
             log.warning("removed %d upload(s) of requests cut off by the shutdown", removed)
+        if running:
+            # A thread still inside CTranslate2, ONNX Runtime (VAD) or FFmpeg when the interpreter finalizes takes
+            # the process down (SIGSEGV or SIGABRT "terminate called without an active exception", reproduced):
+            # leave without finalizing. Their jobs are queued again at start-up, as after any stop.
+            log.warning("stopping with %s still running after the stop budget: exiting at once",
+                        ", ".join(running))
+            logging.shutdown()
+            os._exit(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -11,6 +12,8 @@ ProgressFn = Callable[[float, float], None]  # (seconds of audio done, total sec
 StopFn = Callable[[], bool]
 # Segments that became final while the transcription runs, in the result's order and numbering (live results).
 SegmentsFn = Callable[[list["Segment"]], None]
+# A transcription slot taken only while the model works (a live upload waits for its audio without one).
+HoldFn = Callable[[], AbstractContextManager]
 
 
 class Cancelled(Exception):
@@ -103,11 +106,13 @@ class Engine(Protocol):
         """Load the model (once, at start-up, never at import time)."""
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
+                   hold: HoldFn | None = None) -> Transcription:
         """Transcribe the file at `path`; raise ApiError for bad audio, Cancelled when asked to stop.
 
         `on_segments`, if given, receives every segment of the result once, in order, as soon as it is final
-        (an engine that cannot tell before the end hands them all at the end)."""
+        (an engine that cannot tell before the end hands them all at the end). `hold`, if given, is entered
+        around each stretch of the model's work, and left while the engine waits for audio."""
 
 
 def build_engine(settings) -> Engine:

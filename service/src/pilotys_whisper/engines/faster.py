@@ -10,6 +10,7 @@ looks wrong (repetitive or improbable) is decoded again with beam search and tem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -25,6 +26,7 @@ from ..audio import SAMPLE_RATE, PcmStream
 from ..repetition import cut_loops, find_loops
 from . import (
     Cancelled,
+    HoldFn,
     ProgressFn,
     Segment,
     SegmentsFn,
@@ -43,6 +45,10 @@ CHUNK_S = 30.0  # Whisper's window
 # than 120 s cut the peak by about 30 MB on a long recording, at the same speed (bench/README.md).
 BLOCK_S = 40.0
 LIVE_BLOCK_S = 5.0  # a live upload's audio is looked at (VAD) as soon as 5 s more of it arrived
+# A live upload's chunk is decoded once it holds this much speech and no closed region waits behind it, not only
+# when 30 s are full: what is left when the meeting ends is then the last few seconds, not up to 30. A decoder
+# that falls behind finds regions waiting and packs full chunks again (each chunk costs one 30 s encoder pass).
+LIVE_MIN_CHUNK_S = 5.0
 GUARD_S = 3.0  # speech ending this close to the end of what is decoded may go on in the next block
 MIN_LEFTOVER_S = 1.0  # a shorter undecoded tail at the end of a chunk is not worth another pass
 MAX_RETRIES = 2  # times the same audio may be handed back before its tail is dropped
@@ -196,8 +202,12 @@ class _Packer:
     an earlier chunk of a batch, whose following audio was decoded beside it, becomes a chunk of its own.
     """
 
-    def __init__(self, regions: Iterator[Region], chunk_s: float = CHUNK_S):
+    def __init__(self, regions: Iterator[Region], chunk_s: float = CHUNK_S, ready=None, min_chunk_s: float = 0.0):
         self._source = regions
+        # ready(): whether a next region is there without waiting (a live upload: the audio may still be coming);
+        # then a chunk of at least min_chunk_s is decoded at once rather than waiting for 30 s to fill.
+        self._ready = ready
+        self._min = int(min_chunk_s * SAMPLE_RATE)
         self._front: list[Region] = []  # handed back, to go first
         self._alone: list[Chunk] = []  # tails to decode on their own, first of all
         self._last_is_alone = False  # the last batch ended with such a tail, not with the newest audio
@@ -229,6 +239,9 @@ class _Packer:
         current: list[Region] = []
         total = 0
         while len(batch) < size:
+            if (current and self._ready is not None and total >= self._min and not self._front
+                    and not self._ready()):
+                break
             region = self._next_region()
             if region is None:
                 break
@@ -289,6 +302,10 @@ class _Prefetch:
     def __enter__(self) -> Iterator:
         self._thread.start()
         return self._items()
+
+    def ready(self) -> bool:
+        """Whether the next item is there: taking it does not wait."""
+        return not self._queue.empty()
 
     def _items(self) -> Iterator:
         while True:
@@ -351,29 +368,19 @@ class FasterWhisperEngine:
     # -- one request ---------------------------------------------------------------------------------------
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
+                   hold: HoldFn | None = None) -> Transcription:
         assert self._model is not None, "load() first"
         vad_options = speech_vad_options() if self.vad else None
         run = _Run(self, options)
         spans: list[tuple[float, float]] = []  # where the VAD found speech, kept for the diarizer
         try:
-            with (PcmStream(path, max_seconds=options.max_duration_s) as stream,
-                  _Prefetch(_noting_spans(speech_regions(stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S),
-                                                         vad_options), spans),
-                            PREFETCH_REGIONS) as regions):
-                total = options.duration_hint or 0.0
-                packer = _Packer(regions)
-                done = 0.0
-                size = 1 if options.live else self.batch_size
-                while batch := packer.next_batch(size):
-                    if should_stop is not None and should_stop():
-                        raise Cancelled()
-                    packer.give_back(run.decode_batch(batch))
-                    done = max(done, batch[-1].source_end)
-                    if on_segments is not None and (final := run.settled(packer.pending_start())):
-                        on_segments(final)
-                    if progress is not None:
-                        progress(done, total)
+            with PcmStream(path, max_seconds=options.max_duration_s) as stream:
+                blocks = stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S)
+                prefetch = _Prefetch(_noting_spans(speech_regions(blocks, vad_options), spans), PREFETCH_REGIONS)
+                with prefetch as regions:
+                    self._decode_all(run, regions, options, progress, should_stop, on_segments,
+                                     ready=prefetch.ready if options.live else None, hold=hold)
             duration = stream.seconds_read
         finally:
             release_free_memory()
@@ -385,6 +392,25 @@ class FasterWhisperEngine:
         if on_segments is not None and (rest := result.segments[run.settled_count:]):
             on_segments(rest)
         return result
+
+    def _decode_all(self, run: _Run, regions: Iterator[Region], options: TranscribeOptions,
+                    progress: ProgressFn | None, should_stop: StopFn | None, on_segments: SegmentsFn | None,
+                    ready=None, hold: HoldFn | None = None) -> None:
+        """The regions, packed into chunks and batches, through the model (segments handed out as they settle)."""
+        total = options.duration_hint or 0.0
+        packer = _Packer(regions, ready=ready, min_chunk_s=LIVE_MIN_CHUNK_S)
+        done = 0.0
+        size = 1 if options.live else self.batch_size
+        while batch := packer.next_batch(size):
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            with hold() if hold is not None else contextlib.nullcontext():
+                packer.give_back(run.decode_batch(batch))
+            done = max(done, batch[-1].source_end)
+            if on_segments is not None and (final := run.settled(packer.pending_start())):
+                on_segments(final)
+            if progress is not None:
+                progress(done, total)
 
 
 def _is_silence(no_speech_prob: float, avg_logprob: float) -> bool:

@@ -8,12 +8,14 @@ Slower and heavier than faster-whisper on a CPU; it decodes the whole file in me
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from ..audio import SAMPLE_RATE, decode_all
 from . import (
     Cancelled,
+    HoldFn,
     ProgressFn,
     Segment,
     SegmentsFn,
@@ -81,7 +83,8 @@ class OpenAIWhisperEngine:
         log.info("model %s loaded on %s with openai-whisper", self.settings.model_label, device)
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None) -> Transcription:
+                   should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
+                   hold: HoldFn | None = None) -> Transcription:
         assert self._model is not None, "load() first"
         audio = decode_all(path, max_seconds=options.max_duration_s)
         if should_stop is not None and should_stop():
@@ -89,10 +92,11 @@ class OpenAIWhisperEngine:
         duration = audio.shape[0] / SAMPLE_RATE
         temperatures = (options.temperature,) if options.temperature > 0 else (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
         try:
-            result = self._model.transcribe(
-                audio, language=options.language, task=options.task, initial_prompt=options.prompt,
-                temperature=temperatures, word_timestamps=options.word_timestamps,
-                fp16=self.device == "cuda", verbose=None)
+            with hold() if hold is not None else contextlib.nullcontext():
+                result = self._model.transcribe(
+                    audio, language=options.language, task=options.task, initial_prompt=options.prompt,
+                    temperature=temperatures, word_timestamps=options.word_timestamps,
+                    fp16=self.device == "cuda", verbose=None)
         finally:
             del audio
             release_free_memory()  # the whole recording's spectrogram and the decoder's caches
