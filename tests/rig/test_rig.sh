@@ -25,9 +25,15 @@ $RIG ssh "$A" '! grep -rqs bookworm /etc/apt/sources.list /etc/apt/sources.list.
 [ "$($RIG ssh "$A" systemd-detect-virt)" = systemd-nspawn ] || fail "not a systemd-nspawn guest"
 [ "$($RIG ssh "$A" hostname)" = "$A" ] || fail "wrong hostname"
 $RIG ssh "$A" ping -c1 -W2 "$($RIG ip "$B")" >/dev/null || fail "guests cannot reach each other"
-step "apt inside a guest"
+step "apt inside a guest, while the other guest holds its apt archives lock"
+# Two scenarios provisioning at once: each guest's package cache is its own, so is apt's lock on it.
+$RIG ssh "$B" 'nohup python3 -c "import fcntl, time; f = open(\"/var/cache/apt/archives/lock\", \"w\");
+fcntl.lockf(f, fcntl.LOCK_EX); open(\"/run/held\", \"w\"); time.sleep(120)" >/dev/null 2>&1 &'
+for _ in $(seq 50); do $RIG ssh "$B" test -e /run/held && break; sleep 0.2; done
+$RIG ssh "$B" test -e /run/held || fail "$B could not take its apt lock"
 $RIG ssh "$A" 'DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null && jq --version' >/dev/null ||
   fail "apt install failed in the guest"
+$RIG ssh "$B" 'pkill -f /run/held' || true
 step "reboot round trip"
 $RIG ssh "$A" 'systemctl reboot' || true
 sleep 2
