@@ -20,15 +20,18 @@ MANAGED = "Managed by Ansible (tests)"
 
 def run_play(tasks: list, tmp_path: Path, extra_vars: dict | None = None, hosts: dict | None = None,
              check: bool = False, tags: str | None = None,
-             ansible_playbook: str = ANSIBLE_PLAYBOOK) -> subprocess.CompletedProcess:
+             ansible_playbook: str = ANSIBLE_PLAYBOOK, environment: dict | None = None) -> subprocess.CompletedProcess:
     """Run TASKS on HOSTS ({name: host vars}, one local host by default) with EXTRA_VARS, in check mode with
-    CHECK, only TAGS when given, with the ANSIBLE_PLAYBOOK of another controller if given; never raises."""
+    CHECK, only TAGS when given, with the ANSIBLE_PLAYBOOK of another controller if given, the tasks' ENVIRONMENT
+    (the play's `environment:`) if given; never raises."""
     hosts = hosts or {"testhost": {}}
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     inventory = {"all": {"hosts": {name: {**local, **values} for name, values in hosts.items()}}}
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(
-        [{"name": "Run under test", "hosts": "all", "gather_facts": False, "tasks": tasks}], sort_keys=False))
+    play = {"name": "Run under test", "hosts": "all", "gather_facts": False, "tasks": tasks}
+    if environment:
+        play["environment"] = environment
+    (tmp_path / "play.yml").write_text(yaml.safe_dump([play], sort_keys=False))
     (tmp_path / "vars.json").write_text(json.dumps({"ansible_managed": MANAGED, **(extra_vars or {})}))
     return subprocess.run(
         [ansible_playbook, "-i", str(tmp_path / "inventory.yml"), "-e", f"@{tmp_path / 'vars.json'}",

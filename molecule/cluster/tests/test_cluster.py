@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -373,14 +374,33 @@ def test_a_stopped_worker_gets_no_traffic_and_comes_back(gateway, workers, worke
     assert seen[down] > 0, f"the restarted worker gets no traffic again: {seen}"
 
 
-def test_a_rolling_deploy_loses_no_request_and_no_job(gateway, workers, address, api_key, ca_bundle):
-    """playbooks/deploy.yml drains and restarts the workers one after the other while transcriptions keep
-    arriving through the gateway: every one of them succeeds, a job queued meanwhile succeeds, and every
-    worker was restarted."""
-    def invocation(w) -> str:
-        return w.run("systemctl show --property=InvocationID --value whisper-service").stdout.strip()
+def invocation(worker) -> str:
+    return worker.run("systemctl show --property=InvocationID --value whisper-service").stdout.strip()
 
-    before = {name: invocation(w) for name, w in workers.items()}
+
+def restarts_since(worker, since: float) -> list[tuple[float, float]]:
+    """The worker's service restarts since SINCE (Unix time), from its journal: for each drain (its SIGUSR1 line),
+    the time of the drain and of the next "ready" line, the new process's model loaded."""
+    out = worker.run(f"journalctl -u whisper-service --since @{int(since)} -o short-unix --no-pager").stdout
+    windows, drained = [], None
+    for line in out.splitlines():
+        stamp, _, message = line.partition(" ")
+        if "received SIGUSR1, draining" in message:
+            drained = float(stamp)
+        elif drained is not None and "ready: model" in message:
+            windows.append((drained, float(stamp)))
+            drained = None
+    if drained is not None:
+        windows.append((drained, float("inf")))  # drained and never ready again
+    return windows
+
+
+def roll_during_stream(gateway, workers, address, api_key, ca_bundle, playbook: str, *args: str,
+                       with_job: bool = False) -> dict:
+    """Run PLAYBOOK (with ARGS) while transcriptions keep arriving through the gateway, two at a time (both
+    default workers are busy whenever one is restarted, so a worker cut off mid-request fails this), and, WITH_JOB,
+    a job is queued; asserts the play passed, every transcription succeeded and the job too. Returns each worker's
+    restarts during the play (restarts_since)."""
     outcomes: list = []
     stop = threading.Event()
 
@@ -393,23 +413,58 @@ def test_a_rolling_deploy_loses_no_request_and_no_job(gateway, workers, address,
             except requests.RequestException as exc:
                 outcomes.append(repr(exc))
 
-    # Two at a time: both workers are busy whenever one is restarted, so a worker cut off mid-request fails this.
     senders = [threading.Thread(target=stream, name=f"steady-stream-{i}") for i in range(2)]
+    started = time.time() - 1
     for sender in senders:
         sender.start()
-    job_id = submit_job(address, api_key, ca_bundle)
+    job_id = submit_job(address, api_key, ca_bundle) if with_job else None
     try:
-        deploy = subprocess.run(
-            [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY / "hosts.yml"),
-             "playbooks/deploy.yml"], cwd=PROJECT, capture_output=True, text=True, timeout=1200, check=False)
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY / "hosts.yml"), playbook,
+             *args], cwd=PROJECT, capture_output=True, text=True, timeout=1800, check=False)
     finally:
         stop.set()
         for sender in senders:
             sender.join(320)
-    assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-2000:]
-    after = {name: invocation(w) for name, w in workers.items()}
-    assert all(before[name] != after[name] for name in workers), f"a worker was not restarted: {before} {after}"
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     failures = [o for o in outcomes if o != 200]
     assert len(outcomes) >= 10 and not failures, (outcomes, journals(gateway, workers))
-    state = wait_job(address, api_key, ca_bundle, job_id, 300)
-    assert state["status"] == "succeeded", (state, journals(gateway, workers))
+    if job_id is not None:
+        state = wait_job(address, api_key, ca_bundle, job_id, 300)
+        assert state["status"] == "succeeded", (state, journals(gateway, workers))
+    return {name: restarts_since(w, started) for name, w in workers.items()}
+
+
+def assert_one_at_a_time(restarts: dict) -> None:
+    """Each worker restarted once, drained first, and the next one drained only after it was ready again."""
+    assert all(len(windows) == 1 for windows in restarts.values()), restarts
+    windows = sorted(w[0] for w in restarts.values())
+    for (_, ready), (next_drained, _) in pairwise(windows):
+        assert ready < next_drained, f"two workers were out at once: {restarts}"
+
+
+def test_a_rolling_deploy_loses_no_request_and_no_job(gateway, workers, second_worker, address, api_key, ca_bundle):
+    """playbooks/deploy.yml drains and restarts the workers one after the other while transcriptions keep
+    arriving through the gateway: every one of them succeeds, a job queued meanwhile succeeds, and every
+    worker was restarted, each after the one before was ready again."""
+    everyone = {**workers, SECOND: second_worker}
+    before = {name: invocation(w) for name, w in everyone.items()}
+    restarts = roll_during_stream(gateway, everyone, address, api_key, ca_bundle, "playbooks/deploy.yml",
+                                  with_job=True)
+    after = {name: invocation(w) for name, w in everyone.items()}
+    assert all(before[name] != after[name] for name in everyone), f"a worker was not restarted: {before} {after}"
+    assert_one_at_a_time(restarts)
+
+
+def test_a_changed_setting_restarts_the_workers_one_at_a_time(gateway, workers, address, api_key, ca_bundle):
+    """cluster.yml run again with a setting changed (the job retention, in the environment file): the handler
+    restarts each worker drained and ready again before the next one (serial 1), and no request fails. Before,
+    every worker reloaded its model at once (a Type=exec restart returns at exec) and requests failed."""
+    before = {name: invocation(w) for name, w in workers.items()}
+    line = workers[WORKERS[0]].run("grep ^WHISPER_JOB_RETENTION_S= /etc/whisper-service/environment").stdout
+    retention = int(line.split("=", 1)[1].strip().strip('"')) - 1
+    restarts = roll_during_stream(gateway, workers, address, api_key, ca_bundle, "playbooks/cluster.yml",
+                                  "--limit", ",".join(WORKERS), "-e", f"whisper_service_job_retention_s={retention}")
+    after = {name: invocation(w) for name, w in workers.items()}
+    assert all(before[name] != after[name] for name in workers), f"a worker was not restarted: {before} {after}"
+    assert_one_at_a_time(restarts)
