@@ -52,7 +52,8 @@ def lecture_fmp4(audio) -> bytes:
 
 def env_for(model_dir, state: Path, **extra) -> dict[str, str]:
     return {"WHISPER_MODEL": str(model_dir), "WHISPER_API_KEY": KEY, "WHISPER_STATE_DIR": str(state),
-            "WHISPER_MAX_UPLOAD_MB": "2", "WHISPER_CORS_ORIGINS": ORIGIN, **extra}
+            "WHISPER_MAX_UPLOAD_MB": "2", "WHISPER_CORS_ORIGINS": ORIGIN, "WHISPER_LIVE_INCREMENTAL": "true",
+            **extra}
 
 
 def new_server(model_dir, root: Path, **extra) -> ServerProcess:

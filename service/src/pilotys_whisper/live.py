@@ -15,7 +15,7 @@ any worker takes the next PATCH or HEAD and a worker lost mid-meeting loses noth
 An upload idle longer than WHISPER_LIVE_IDLE_TIMEOUT_S is finalized (what was received is transcribed and the
 job ends normally); DELETE cancels the job and deletes the audio.
 
-Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, on by default): once the first data is known to be audio, a
+Transcribed as it arrives (WHISPER_LIVE_INCREMENTAL, off by default): once the first data is known to be audio, a
 thread runs the engine on the growing file (GrowingFile: it reads only acknowledged bytes and waits for more until
 the upload is complete), so the engine's own pipeline (decode, VAD, chunks) transcribes each stretch as soon as VAD
 closes it (TranscribeOptions.live) and only the tail remains when the upload ends; the log says how many seconds

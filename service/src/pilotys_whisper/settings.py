@@ -76,7 +76,7 @@ class Settings:
     job_purge_interval_s: int = 60
     spool_min_free_mb: int = 256
     live_idle_timeout_s: int = 2 * 3600  # a live upload idle this long is finalized (live.py)
-    live_incremental: bool = True  # transcribe a live upload as it arrives (holds a slot while it lasts)
+    live_incremental: bool = False  # transcribe a live upload as it arrives (a slot per chunk); off: see README
     job_backend: str = "sqlite"  # sqlite: this host only; postgresql: a queue shared by several workers
     job_database: Secret | None = None  # libpq connection string (postgresql backend)
     webhook_secret: Secret | None = None  # for WHISPER_API_KEY (keys-file keys carry their own)
@@ -169,7 +169,7 @@ class Settings:
             job_purge_interval_s=r.integer("WHISPER_JOB_PURGE_INTERVAL_S", 60, 1, 24 * 3600),
             spool_min_free_mb=r.integer("WHISPER_SPOOL_MIN_FREE_MB", 256, 0, 10**9),
             live_idle_timeout_s=r.integer("WHISPER_LIVE_IDLE_TIMEOUT_S", 2 * 3600, 1, 7 * 24 * 3600),
-            live_incremental=r.boolean("WHISPER_LIVE_INCREMENTAL", True),
+            live_incremental=r.boolean("WHISPER_LIVE_INCREMENTAL", False),
             job_backend=r.choice("WHISPER_JOB_BACKEND", "sqlite", JOB_BACKENDS),
             job_database=_job_database(r),
             webhook_secret=Secret(webhook_secret) if webhook_secret else None,
