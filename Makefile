@@ -88,7 +88,7 @@ molecule: venv assets rig
 test-upgrade: venv assets rig
 	molecule test --scenario-name upgrade
 
-# Four disposable hosts (about 16 min): kept out of `make test` (CI time); run it when the cluster changes.
+# Four disposable hosts (about 30–50 min on 2 cores with the rolling checks): kept out of `make test` (CI time); run it when the cluster changes.
 test-cluster: venv assets rig
 	molecule test --scenario-name cluster
 
