@@ -36,6 +36,7 @@ from .errors import ApiError
 from .event_stream import StreamSlots, event_stream_response, job_events, last_event_id
 from .formats import RESPONSE_FORMATS, render
 from .job_events import EVENTS_SCHEMA, SEGMENT, JobEvents
+from .live_storage import fsync_dir
 from .webhooks import DeliveryError, WebhookPolicy
 
 log = logging.getLogger("pilotys_whisper.jobs")
@@ -473,11 +474,7 @@ class JobManager:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(partial, target)
-            dir_fd = os.open(self.spool, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.spool)
         except OSError as exc:
             partial.unlink(missing_ok=True)
             target.unlink(missing_ok=True)
