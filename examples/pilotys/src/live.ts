@@ -57,9 +57,21 @@ export interface RecordLiveOptions {
   chunkSize?: number;
   /** Keep the blobs in IndexedDB after the upload ends (for `localRecording`); by default they are deleted. */
   keepLocalRecording?: boolean;
-  /** The microphone; by default getUserMedia({audio: true}). */
+  /** The microphone; by default getUserMedia({audio: MEETING_AUDIO}). */
   stream?: MediaStream;
 }
+
+/**
+ * The microphone as a meeting recorder wants it: the room as it sounds. The browser's defaults are a call's:
+ * echo cancellation removes what the loudspeakers play (the remote participants, whose words the minutes need),
+ * and noise suppression and automatic gain reshape the voice, which costs Whisper accuracy rather than buying it.
+ */
+export const MEETING_AUDIO: MediaTrackConstraints = {
+  echoCancellation: false,
+  noiseSuppression: false,
+  autoGainControl: false,
+  channelCount: 1,
+};
 
 export interface LiveRecording {
   /** The job's id once known. */
@@ -323,7 +335,7 @@ export async function recordLive(options: RecordLiveOptions): Promise<LiveRecord
   let recorder: MediaRecorder | null = null;
   let stream: MediaStream | null = null;
   if (!recording.stopped) {
-    stream = options.stream ?? (await navigator.mediaDevices.getUserMedia({ audio: true }));
+    stream = options.stream ?? (await navigator.mediaDevices.getUserMedia({ audio: MEETING_AUDIO }));
     recorder = new MediaRecorder(stream, { mimeType: MIME_TYPE, audioBitsPerSecond });
     let pending = Promise.resolve();
     recorder.ondataavailable = (e: BlobEvent) => {
