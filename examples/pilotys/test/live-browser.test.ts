@@ -394,8 +394,8 @@ describe(`a live meeting recorded in Chromium (${RECORD_S} s)`, () => {
     // The bytes above prove the upload whole; these prove the transcript is the whole meeting's, in order, once.
     // Its length: both sessions decoded one after the other (a session lost or sent twice is 24 s off).
     assert.ok(Math.abs(result.duration - recordedS) <= 3, `decoded ${result.duration} s of ${recordedS} s recorded`);
-    // Its order: the meeting's first line at the start, its last at the end; its first word heard once, as a resume
-    // that sent the recording again from its start would not.
+    // Its order: the meeting's first line at the start, its first word heard once, as a resume that sent the
+    // recording again from its start would not.
     const words = (text: string) => text.toLowerCase().normalize("NFD").replace(/[^a-z ]+/g, " ").split(/\s+/);
     assert.ok(words(result.segments[0].text).includes("bonjour"), result.segments[0].text);
     assert.equal(result.text.toLowerCase().match(/bonjour/g)?.length, 1, result.text);
