@@ -15,12 +15,9 @@ export PATH := $(BIN):$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/tests/container/containers.conf
 # The Debian release of the demo host: 13 (trixie) or 12 (bookworm).
 export DEBIAN ?= 13
-# `make test` prepares venv, assets and rig once, then runs its two lanes with PREPARED=1: each stage's sub-make
-# skips those phony preparations instead of running them again beside the other lane.
-NEEDS = $(if $(PREPARED),,$(1))
 
 .PHONY: help deps venv assets rig lint test-service test-ansible test-pilotys test-rig test-container \
-	molecule lane-hosts lane-rest test-cluster test-upgrade test-browser unit test demo demo-down bench bench-load collection
+	molecule molecule-default molecule-debian12 test-cluster test-upgrade test-browser unit test demo demo-down bench bench-load collection
 
 help:
 	@echo "make demo       provision a local disposable Debian 13 host and transcribe a sample over HTTPS"
@@ -60,13 +57,13 @@ lint: venv
 	shellcheck scripts/install-host-deps scripts/demo scripts/version scripts/build-collection rig/rig tests/rig/*.sh \
 		bench/run
 
-test-service: $(call NEEDS,venv assets)
+test-service: venv assets
 	cd service && python -m pytest -q
 
-test-ansible: $(call NEEDS,venv)
+test-ansible: venv
 	python -m pytest -q tests/ansible
 
-test-pilotys: $(call NEEDS,venv assets)
+test-pilotys: venv assets
 	cd examples/pilotys && npm ci --no-audit --no-fund --loglevel=error && WHISPER_SERVICE_PYTHON=$(BIN)/python npm test
 
 # The issue's full run of the live recording in Chromium (90 s listening, 3 minutes recorded, the transcription); make test
@@ -75,16 +72,16 @@ test-browser: venv assets
 	cd examples/pilotys && npm ci --no-audit --no-fund --loglevel=error && npx tsc -p tsconfig.json && \
 		PILOTYS_LIVE_BROWSER_FULL=1 WHISPER_SERVICE_PYTHON=$(BIN)/python node --test dist/test/live-browser.test.js
 
-test-rig: $(call NEEDS,venv rig)
+test-rig: venv rig
 	ANSIBLE=$(BIN)/ansible tests/rig/test_rig.sh
 
-test-container: $(call NEEDS,venv assets rig)
+test-container: venv assets rig
 	python -m pytest -q -s tests/container
 
 # Debian 13 with every check, then Debian 12: converge, idempotence and the core checks (molecule/debian12). One
 # after the other: two scenarios of one project at once share Molecule's state for it (`ansible-playbook --version`
 # failed in one of them, 2026-12-02).
-molecule: $(call NEEDS,venv assets rig)
+molecule: venv assets rig
 	molecule test --scenario-name default
 	molecule test --scenario-name debian12
 
@@ -99,21 +96,11 @@ test-cluster: venv assets rig
 
 unit: test-service test-ansible test-pilotys test-rig test-container
 
-# Two lanes at once, each one stage after another, so that Molecule (the longest, mostly waiting on apt, SSH and
-# booting hosts) starts first instead of after the service's tests: the hosts (Molecule, then the container) beside
-# the rest (service, Ansible, client, rig). --output-sync prints each stage's log whole when it ends.
-test: lint assets rig
-	$(MAKE) --no-print-directory -j2 --output-sync=target PREPARED=1 lane-hosts lane-rest
-
-lane-hosts:
-	$(MAKE) --no-print-directory molecule
-	$(MAKE) --no-print-directory test-container
-
-lane-rest:
-	$(MAKE) --no-print-directory test-service
-	$(MAKE) --no-print-directory test-ansible
-	$(MAKE) --no-print-directory test-pilotys
-	$(MAKE) --no-print-directory test-rig
+# The service's tests alone (they count work, but their servers and the model share the 2 cores); then Molecule
+# beside the other stages, two recipes at a time: run one after the other they left a core idle half the time (apt,
+# SSH, a booting host). Each host has its own rig index and apt archive; --output-sync keeps each log whole.
+test: lint test-service
+	$(MAKE) --no-print-directory -j2 --output-sync=target molecule test-ansible test-pilotys test-rig test-container
 
 demo: venv assets rig
 	scripts/demo up
