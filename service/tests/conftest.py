@@ -149,7 +149,7 @@ class FakeEngine:
         time.sleep(self.load_delay)
 
     def transcribe(self, path, options, progress=None, should_stop=None, on_segments=None,
-                   hold=None) -> Transcription:
+                   hold=None, on_speech=None) -> Transcription:
         self.calls.append((path, options))
         assert os.path.exists(path), "the upload must exist while it is transcribed"
         self.started.set()

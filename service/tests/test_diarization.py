@@ -257,14 +257,19 @@ def test_transcript_and_diarization_together(diarizer, meeting):
     assert len({s.speaker for s in out}) == 3
 
 
-def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir, monkeypatch):
-    """The real model transcribes with words, then speakers.label (what every route calls) diarizes: the
-    diarizer takes the engine's speech regions, and the VAD scans no sample after the transcription. The
-    words are aligned one chunk at a time."""
+def test_a_diarized_transcription_decodes_the_file_once_and_runs_the_vad_once(diarizer, meeting, model_dir,
+                                                                            monkeypatch):
+    """speakers.transcribe (what every route calls) with the real model: the diarizer embeds the engine's speech
+    regions as its VAD hands them out, so the file is opened and decoded once and the VAD scans each sample
+    once; the speakers are those diarize() finds reading the file again with the same regions. The words are
+    aligned one chunk at a time."""
+    import threading
+
     import faster_whisper.transcribe
     import faster_whisper.vad
 
-    from pilotys_whisper import speakers
+    from pilotys_whisper import audio, speakers
+    from pilotys_whisper.diarization import Diarizer
     from pilotys_whisper.engines import TranscribeOptions
     from pilotys_whisper.engines.faster import FasterWhisperEngine
     from pilotys_whisper.settings import Settings
@@ -272,9 +277,9 @@ def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir
     scanned = []  # samples handed to Silero VAD, call by call
     real_vad = faster_whisper.vad.get_speech_timestamps
 
-    def counting_vad(audio, *args, **kwargs):
-        scanned.append(len(audio))
-        return real_vad(audio, *args, **kwargs)
+    def counting_vad(samples, *args, **kwargs):
+        scanned.append((threading.current_thread().name, len(samples)))
+        return real_vad(samples, *args, **kwargs)
 
     monkeypatch.setattr(faster_whisper.vad, "get_speech_timestamps", counting_vad)
     aligned = []  # chunks per word alignment: one at a time bounds its memory (bench/README.md)
@@ -285,26 +290,80 @@ def test_a_diarized_transcription_runs_the_vad_once(diarizer, meeting, model_dir
         return real_alignment(self, tokenizer, text_tokens, *args, **kwargs)
 
     monkeypatch.setattr(faster_whisper.transcribe.WhisperModel, "find_alignment", counting_alignment)
-    path, reference = meeting
+    path, _ = meeting
+    length = decode_all(str(path)).shape[0]
+    decoded = []  # samples each PcmStream handed out
+    real_blocks = audio.PcmStream.blocks
+
+    def counting_blocks(self, seconds):
+        decoded.append(0)
+        for block in real_blocks(self, seconds):
+            decoded[-1] += block.shape[0]
+            yield block
+
+    monkeypatch.setattr(audio.PcmStream, "blocks", counting_blocks)
+    found = []  # what the diarizer's clustering gives, call by call
+    real_label = Diarizer.label.__func__
+
+    def recording_label(cls, *args, **kwargs):
+        found.append(real_label(cls, *args, **kwargs))
+        return found[-1]
+
+    monkeypatch.setattr(Diarizer, "label", classmethod(recording_label))
     engine = FasterWhisperEngine(Settings.from_env({"WHISPER_MODEL": str(model_dir)}))
     engine.load()
-    result = engine.transcribe(str(path), TranscribeOptions(language="fr", word_timestamps=True))
-    by_engine = sum(scanned)
+    labelled = speakers.transcribe(engine, diarizer, str(path), TranscribeOptions(language="fr", word_timestamps=True),
+                                   speakers.SpeakerOptions())
+    assert decoded == [length], decoded
+    # Only the engine's VAD ran (in its prefetch thread), once over the file: it looks again only at the end of
+    # a block, where a region may go on into the next.
+    assert scanned and {name for name, _ in scanned} == {"prefetch"}, scanned
+    assert sum(n for _, n in scanned) < 1.5 * length, (scanned, length)
     assert len(aligned) >= 2 and set(aligned) == {1}, aligned  # the 40 s meeting is 2 chunks of a batch
-    assert by_engine > 0 and result.speech is not None and result.speech.spans
-    labelled = speakers.label(diarizer, str(path), result, speakers.SpeakerOptions())
-    assert sum(scanned) == by_engine, f"the diarizer ran the VAD again over {sum(scanned) - by_engine} samples"
+    assert labelled.speech is not None and labelled.speech.spans
     assert labelled.segments and all(s.speaker for s in labelled.segments)
     assert len({s.speaker for s in labelled.segments}) == 3
+    [streamed] = found
+    # The same regions read again from the file: the same speakers, turns to the sample.
+    again = diarizer.diarize(str(path), speech=list(labelled.speech.spans), speech_pad_s=labelled.speech.pad_s)
+    assert streamed.speakers == again.speakers and streamed.windows == again.windows
+    assert len(streamed.turns) == len(again.turns)
+    assert all(a.speaker == b.speaker and abs(a.start - b.start) <= 1e-3 and abs(a.end - b.end) <= 1e-3
+               for a, b in zip(streamed.turns, again.turns, strict=True)), (streamed.turns, again.turns)
     # Its turns lie within the engine's regions (touching ones joined: a turn may run across them).
     joined: list[list[float]] = []
-    for s, e in result.speech.spans:
+    for s, e in labelled.speech.spans:
         if joined and s - joined[-1][1] < 1e-3:
             joined[-1][1] = e
         else:
             joined.append([s, e])
-    turns = diarizer.diarize(str(path), speech=list(result.speech.spans), speech_pad_s=result.speech.pad_s).turns
-    assert all(any(s - 1e-3 <= t.start and t.end <= e + 1e-3 for s, e in joined) for t in turns)
+    assert all(any(s - 1e-3 <= t.start and t.end <= e + 1e-3 for s, e in joined) for t in streamed.turns)
+
+
+def test_a_stream_whose_transcription_fails_stops_its_thread(diarizer, meeting, monkeypatch):
+    """A transcription that fails or is cancelled half-way leaves no diarizer thread behind, and a failing
+    diarizer lets the engine go on and raises where the result is asked for."""
+    import threading
+
+    path, _ = meeting
+    samples = decode_all(str(path))
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(RuntimeError), diarizer.stream() as stream:
+        for start in range(0, 20 * 16000, 5 * 16000):  # regions 5 s apart, as a VAD gives them
+            stream.add(start, samples[start:start + 4 * 16000], 0.4)
+        raise RuntimeError("the transcription failed")
+    assert {t.ident for t in threading.enumerate() if t.name == "diarize"} - before == set()
+
+    def broken(mels):
+        raise MemoryError("onnxruntime could not allocate")
+
+    monkeypatch.setattr(diarizer, "_embed", broken)
+    with diarizer.stream() as stream:
+        for start in range(0, 60 * 16000, 5 * 16000):  # more than the queue holds, after the thread stopped
+            stream.add(start, samples[start % samples.shape[0]:][:4 * 16000], 0.4)
+        with pytest.raises(MemoryError):
+            diarizer.diarize_stream(stream)
+    assert {t.ident for t in threading.enumerate() if t.name == "diarize"} - before == set()
 
 
 def test_padding_of_given_regions_is_trimmed_where_it_touches_no_other_region():

@@ -583,9 +583,7 @@ def run_transcription(state: ServiceState, params: TranscriptionParams):
     with state.admission.slot():
         began = time.monotonic()
         try:
-            result = state.engine.transcribe(params.path, params.options)
-            if params.speakers is not None:
-                result = speakers.label(state.diarizer, params.path, result, params.speakers)
+            result = speakers.transcribe(state.engine, state.diarizer, params.path, params.options, params.speakers)
         except ApiError:
             state.metrics.transcriptions.labels(outcome="rejected").inc()
             raise

@@ -587,12 +587,11 @@ class JobManager:
                 # A diarized job's segments are split and renumbered once its speakers are known: its stream
                 # gets them from the result, at the end, with their speakers.
                 live = on_segments if speaker_options is None else None
-                result = self.state.engine.transcribe(path, options, progress, should_stop, on_segments=live)
-                if speaker_options is not None:
-                    if self.state.diarizer is None:  # turned off since the job was accepted
-                        raise speakers.unavailable()
-                    result = speakers.label(self.state.diarizer, path, result,
-                                            speakers.SpeakerOptions.from_json(speaker_options))
+                if speaker_options is not None and self.state.diarizer is None:  # turned off since it was accepted
+                    raise speakers.unavailable()
+                chosen = None if speaker_options is None else speakers.SpeakerOptions.from_json(speaker_options)
+                result = speakers.transcribe(self.state.engine, self.state.diarizer, path, options, chosen,
+                                             progress=progress, should_stop=should_stop, on_segments=live)
         except _Shutdown:
             self.store.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND attempts = ?", (job_id, attempt))
             log.info("job %s back in the queue: the service is stopping", job_id)

@@ -196,19 +196,34 @@ def _too_large(name: str) -> ApiError:
                     f"a few seconds ({MIN_REFERENCE_S:.0f}-{MAX_REFERENCE_S:.0f} s) are enough")
 
 
-def label(diarizer, path: str, result: Transcription, options: SpeakerOptions) -> Transcription:
-    """The transcription with each segment given its speaker (segments split where the speaker changes)."""
+def transcribe(engine, diarizer, path: str, options, speaker_options: SpeakerOptions | None,
+               **kwargs) -> Transcription:
+    """engine.transcribe(path, options, **kwargs), with each segment's speaker when `speaker_options` asks for
+    them. The diarizer embeds the speech regions as the engine's VAD finds them, in a thread beside the model:
+    the file is decoded once and the VAD runs once, and at the end only the clustering is left."""
+    if speaker_options is None:
+        return engine.transcribe(path, options, **kwargs)
+    with diarizer.stream() as stream:
+        result = engine.transcribe(path, options, on_speech=stream.add, **kwargs)
+        return label(diarizer, path, result, speaker_options, stream=stream)
+
+
+def label(diarizer, path: str, result: Transcription, options: SpeakerOptions, stream=None) -> Transcription:
+    """The transcription with each segment given its speaker (segments split where the speaker changes).
+    `stream`: the diarizer's SpeechStream the engine fed while it transcribed `path`."""
     import numpy as np
 
     from .diarization import attribute
 
     references = {name: np.asarray(emb, dtype=np.float32) for name, emb in options.references.items()}
-    # The engine's VAD regions when it has them: the VAD runs once per request.
+    counts = dict(num_speakers=options.num_speakers, min_speakers=options.min_speakers,
+                  max_speakers=options.max_speakers, references=references)
     speech = result.speech
-    diarization = diarizer.diarize(path, speech=list(speech.spans) if speech else None,
-                                   speech_pad_s=speech.pad_s if speech else None, num_speakers=options.num_speakers,
-                                   min_speakers=options.min_speakers, max_speakers=options.max_speakers,
-                                   references=references)
+    if stream is not None and speech is not None:
+        diarization = diarizer.diarize_stream(stream, **counts)
+    else:  # an engine without a VAD: the diarizer reads the file and runs its own
+        diarization = diarizer.diarize(path, speech=list(speech.spans) if speech else None,
+                                       speech_pad_s=speech.pad_s if speech else None, **counts)
     return replace(result, segments=attribute(result.segments, diarization))
 
 

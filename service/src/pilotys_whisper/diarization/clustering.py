@@ -203,7 +203,9 @@ def cluster(embeddings: np.ndarray, num_speakers: int | None = None, min_speaker
             max_speakers: int | None = None, regions: np.ndarray | None = None) -> Clusters:
     """Group unit-norm embeddings (one per window, in time order) by speaker; `regions`: the speech region of
     each window, so that overlapping windows are not taken for evidence of one voice."""
-    x = _unit(np.asarray(embeddings, dtype=working_dtype(len(embeddings))))
+    x = np.asarray(embeddings, dtype=working_dtype(len(embeddings)))
+    if x.size and np.abs(np.linalg.norm(x, axis=-1) - 1).max() > 1e-5:  # unit rows (diarize's) are not copied
+        x = _unit(x)
     n = x.shape[0]
     if n == 0:
         return Clusters(np.zeros(0, dtype=int), np.zeros((0, x.shape[1] if x.ndim == 2 else 0)), 0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,9 +29,11 @@ HOP_FRAMES = 80  # windows of 160 frames (1.6 s) every 0.8 s: half overlap, as r
 MIN_FRAMES = 50  # a speech region shorter than 0.5 s gets no embedding: it takes its neighbours' speaker
 CLUSTER_MIN_FRAMES = features.PARTIAL_FRAMES  # shorter windows (noisier) are assigned, not clustered
 BATCH = 32  # windows per encoder call
+SMOOTH_ROWS = 4096  # embeddings smoothed at a time (a 4 MB block)
 BLOCK_S = 40.0  # audio decoded at a time, as the faster engine
 # Silero VAD as the faster engine runs it, with less padding: padding turns silence into speech of someone.
 VAD = {"max_speech_duration_s": 30.0, "min_silence_duration_ms": 160, "speech_pad_ms": 100}
+TOUCH_SAMPLES = 16  # two regions closer than 1 ms touch (as _trimmed has it): one region cut at 30 s, or shared silence
 REFERENCE_MIN_S, REFERENCE_MAX_S = 1.0, 30.0  # a known speaker's clip: speech in it, and the clip's length
 # A cluster takes a known name only if its voice is this close to the reference (cosine of GE2E embeddings;
 # the same voice scores above 0.85, two different synthetic voices of one gender up to about 0.8).
@@ -107,10 +111,14 @@ def _smoothed(vectors: np.ndarray, owner: np.ndarray, dtype=np.float64) -> np.nd
     """Each window's embedding averaged with its neighbours' in the same speech region (2.4 s of context
     instead of 1.6 s): less noise for the clustering, which on the corpus counted speakers better so."""
     total = vectors.astype(dtype)
-    same = owner[1:] == owner[:-1]
-    total[1:][same] += vectors[:-1][same]
-    total[:-1][same] += vectors[1:][same]
-    return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+    same = (owner[1:] == owner[:-1])[:, None]
+    # Block by block, in place: one copy of the embeddings (3 hours' 13,500 are 14 MB in float32), not four.
+    for first in range(0, max(vectors.shape[0] - 1, 0), SMOOTH_ROWS):
+        last = min(first + SMOOTH_ROWS, vectors.shape[0] - 1)
+        total[first + 1:last + 1] += vectors[first:last] * same[first:last]
+        total[first:last] += vectors[first + 1:last + 1] * same[first:last]
+    total /= np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+    return total
 
 
 class Diarizer:
@@ -124,8 +132,11 @@ class Diarizer:
     def load(cls, model_path: str | None = None, threads: int = 0) -> Diarizer:
         path = Path(model_path) if model_path else default_model_path()
         try:
+            # The clustering's SciPy too, imported here rather than on the first request (1 CPU s, measured).
             import onnxruntime
-            import scipy  # noqa: F401 - the clustering's, checked here rather than on the first request
+            import scipy.cluster.vq  # noqa: F401
+            import scipy.linalg  # noqa: F401
+            import scipy.optimize  # noqa: F401
         except ImportError as exc:
             raise DiarizationUnavailable(
                 f"speaker diarization needs the optional dependencies ({exc.name} is missing): install the "
@@ -143,8 +154,17 @@ class Diarizer:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
             raise DiarizationUnavailable(f"the speaker model {path} could not be loaded: {exc}") from exc
+        diarizer = cls(session, path)
+        try:  # one run now: onnxruntime sets up its buffers on the first, and a bad model fails at start-up
+            diarizer._embed(np.zeros((1, features.PARTIAL_FRAMES, features.MEL_BANDS), dtype=np.float32))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a wrong model
+            raise DiarizationUnavailable(f"the speaker model {path} does not embed a 1.6 s window: {exc}") from exc
         log.info("speaker model %s loaded", path)
-        return cls(session, path)
+        return diarizer
+
+    def stream(self) -> SpeechStream:
+        """A SpeechStream: the regions a transcription's VAD finds, embedded while the model transcribes."""
+        return SpeechStream(self)
 
     # -- embeddings ------------------------------------------------------------------------------------
 
@@ -270,6 +290,11 @@ class Diarizer:
         return self.label(*embedded, num_speakers=num_speakers, min_speakers=min_speakers,
                           max_speakers=max_speakers, references=references)
 
+    def diarize_stream(self, stream: SpeechStream, **counts) -> Diarization:
+        """diarize() of what `stream` was given (the same regions, embedded as they came): only the clustering
+        is left to do."""
+        return self.label(*stream.finish(), **counts)
+
     @classmethod
     def label(cls, times, vectors, full, owner, spans, *, num_speakers=None, min_speakers=None, max_speakers=None,
               references=None) -> Diarization:
@@ -282,8 +307,9 @@ class Diarizer:
         clustered = np.flatnonzero(full) if full.any() else np.arange(vectors.shape[0])
         with single_threaded():
             smoothed = _smoothed(vectors, owner, working_dtype(clustered.size))
-            found = cluster(smoothed[clustered], num_speakers=num_speakers,
-                            min_speakers=min_speakers, max_speakers=max_speakers, regions=owner[clustered])
+            points = smoothed if clustered.size == smoothed.shape[0] else smoothed[clustered]  # no copy if all
+            found = cluster(points, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
+                            regions=owner[clustered])
         # Every window (the short ones too) takes the speaker whose centroid is nearest; the clustered ones
         # keep the cluster they were put in.
         labels = np.argmax(vectors @ found.centroids.T.astype(np.float32), axis=1)
@@ -325,3 +351,99 @@ class Diarizer:
                 else:
                     out.append((label, (s, e)))
         return out
+
+
+class SpeechStream:
+    """Speech regions embedded in a thread of their own as an engine's VAD hands them out (Engine.transcribe's
+    on_speech), beside the model: the file is decoded once, and the embeddings (most of diarization's work)
+    are done when the transcription is. The regions are brought to the diarizer's padding as diarize() does
+    (_trimmed: an edge that touches no other region moves in), so the result is diarize()'s with the same
+    regions. At most QUEUE regions wait (30 s of audio each at most): a slower diarizer holds the VAD back.
+    Use as a context manager: leaving it stops the thread."""
+
+    QUEUE = 4
+    _END = object()
+
+    def __init__(self, diarizer: Diarizer):
+        self._diarizer = diarizer
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE)
+        self._held: tuple[int, np.ndarray, int] | None = None  # the last region: its end edge waits for the next
+        self._previous_end = -1  # the sample after the region before the held one, -1 at the start
+        self._stop = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="diarize", daemon=True)
+        self._thread.start()
+        self.regions = 0  # regions received
+
+    def __enter__(self) -> SpeechStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, start: int, audio: np.ndarray, pad_s: float) -> None:
+        """One speech region of the transcription's VAD, in order: its first sample, its samples (kept, not
+        copied: the engine does not write to them), the padding its VAD put around the speech."""
+        cut = max(0, round((pad_s - VAD["speech_pad_ms"] / 1000) * SAMPLE_RATE))
+        if self._held is not None:
+            self._release(touches_next=start - (self._held[0] + self._held[1].shape[0]) <= TOUCH_SAMPLES)
+        self._held = (start, audio, cut)
+        self.regions += 1
+
+    def _release(self, touches_next: bool) -> None:
+        start, audio, cut = self._held
+        end = start + audio.shape[0]
+        alone_before = start > 0 and (self._previous_end < 0 or start - self._previous_end > TOUCH_SAMPLES)
+        first, last = cut * alone_before, audio.shape[0] - cut * (not touches_next)
+        self._previous_end = end
+        self._held = None
+        if last > first:
+            self._put((start + first, audio[first:last]))
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        from .blas import single_threaded
+
+        def regions():
+            while (item := self._queue.get()) is not self._END:
+                yield item
+
+        try:
+            with single_threaded():
+                self._result = self._diarizer._embed_regions(regions())
+        except BaseException as exc:  # noqa: BLE001 - raised by finish(), in the caller's thread
+            self._error = exc
+            self._stop.set()  # add() no longer waits for a thread that has stopped reading
+
+    def finish(self):
+        """The embeddings of every region (what Diarizer.label takes), once the last is done."""
+        if self._held is not None:
+            self._release(touches_next=False)
+        self._put(self._END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def close(self) -> None:
+        """Stop the thread, whatever it was doing (a transcription that failed or was cancelled)."""
+        if self._thread.is_alive():
+            self._stop.set()
+            try:
+                while True:  # make room, then the end
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._queue.put_nowait(self._END)
+            except queue.Full:
+                pass
+            self._thread.join()

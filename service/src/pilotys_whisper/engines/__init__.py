@@ -6,7 +6,10 @@ import ctypes
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ProgressFn = Callable[[float, float], None]  # (seconds of audio done, total seconds or 0 if unknown)
 StopFn = Callable[[], bool]
@@ -14,6 +17,9 @@ StopFn = Callable[[], bool]
 SegmentsFn = Callable[[list["Segment"]], None]
 # A transcription slot taken only while the model works (a live upload waits for its audio without one).
 HoldFn = Callable[[], AbstractContextManager]
+# A speech region the VAD found, as it finds it: (first sample at 16 kHz, its samples, the padding in seconds the VAD
+# put around the speech). The diarizer embeds them beside the model, so the file is decoded once.
+SpeechFn = Callable[[int, "np.ndarray", float], None]
 
 
 class Cancelled(Exception):
@@ -107,12 +113,14 @@ class Engine(Protocol):
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
-                   hold: HoldFn | None = None) -> Transcription:
+                   hold: HoldFn | None = None, on_speech: SpeechFn | None = None) -> Transcription:
         """Transcribe the file at `path`; raise ApiError for bad audio, Cancelled when asked to stop.
 
         `on_segments`, if given, receives every segment of the result once, in order, as soon as it is final
         (an engine that cannot tell before the end hands them all at the end). `hold`, if given, is entered
-        around each stretch of the model's work, and left while the engine waits for audio."""
+        around each stretch of the model's work, and left while the engine waits for audio. `on_speech`, if
+        given, receives each speech region of its VAD in order, from another thread (an engine without a VAD
+        never calls it, and its result has no `speech`)."""
 
 
 def build_engine(settings) -> Engine:

@@ -30,6 +30,7 @@ from . import (
     ProgressFn,
     Segment,
     SegmentsFn,
+    SpeechFn,
     SpeechRegions,
     StopFn,
     TranscribeOptions,
@@ -187,9 +188,12 @@ def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float 
             buf_start = scan_from
 
 
-def _noting_spans(regions: Iterator[Region], spans: list[tuple[float, float]]) -> Iterator[Region]:
+def _noting_spans(regions: Iterator[Region], spans: list[tuple[float, float]],
+                  on_speech: SpeechFn | None = None) -> Iterator[Region]:
     for region in regions:
         spans.append((region.start / SAMPLE_RATE, (region.start + region.audio.shape[0]) / SAMPLE_RATE))
+        if on_speech is not None:
+            on_speech(region.start, region.audio, SPEECH_PAD_MS / 1000)
         yield region
 
 
@@ -369,7 +373,7 @@ class FasterWhisperEngine:
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
-                   hold: HoldFn | None = None) -> Transcription:
+                   hold: HoldFn | None = None, on_speech: SpeechFn | None = None) -> Transcription:
         assert self._model is not None, "load() first"
         vad_options = speech_vad_options() if self.vad else None
         run = _Run(self, options)
@@ -377,7 +381,8 @@ class FasterWhisperEngine:
         try:
             with PcmStream(path, max_seconds=options.max_duration_s) as stream:
                 blocks = stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S)
-                prefetch = _Prefetch(_noting_spans(speech_regions(blocks, vad_options), spans), PREFETCH_REGIONS)
+                noted = _noting_spans(speech_regions(blocks, vad_options), spans, on_speech if vad_options else None)
+                prefetch = _Prefetch(noted, PREFETCH_REGIONS)
                 with prefetch as regions:
                     self._decode_all(run, regions, options, progress, should_stop, on_segments,
                                      ready=prefetch.ready if options.live else None, hold=hold)

@@ -84,8 +84,8 @@ class OpenAIWhisperEngine:
 
     def transcribe(self, path: str, options: TranscribeOptions, progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None, on_segments: SegmentsFn | None = None,
-                   hold: HoldFn | None = None) -> Transcription:
-        assert self._model is not None, "load() first"
+                   hold: HoldFn | None = None, on_speech=None) -> Transcription:
+        assert self._model is not None, "load() first"  # no VAD of its own: on_speech is never called
         audio = decode_all(path, max_seconds=options.max_duration_s)
         if should_stop is not None and should_stop():
             raise Cancelled()
