@@ -182,7 +182,7 @@ def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | Non
     """One measurement in this fresh process: `asr` (default options), `both` (words + diarization) or
     `diarize` (the diarizer alone)."""
     record: dict = {"mode": mode, "wav": str(wav)}
-    stream = None
+    embedder = None  # both: the diarizer's SpeechStream, fed by the engine
     if mode in ("asr", "both"):
         from pilotys_whisper.engines import TranscribeOptions
         from pilotys_whisper.engines.faster import FasterWhisperEngine
@@ -196,11 +196,11 @@ def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | Non
 
             with Phase(record, "load_diarizer"):
                 diarizer = Diarizer.load()
-            stream = diarizer.stream()
+            embedder = diarizer.stream()
         with Phase(record, "asr"):
             transcription = engine.transcribe(str(wav), TranscribeOptions(language=language,
                                                                           word_timestamps=mode == "both"),
-                                              on_speech=stream.add if stream else None)
+                                              on_speech=embedder.add if embedder else None)
         record["transcript_words"] = len(transcription.text.split())
     if mode == "diarize":
         # The service's diarizer takes the engine's speech regions (one VAD pass per request): alone, the VAD
@@ -223,8 +223,8 @@ def worker(mode: str, wav: Path, out: Path, model: Path, num_speakers: int | Non
             with Phase(record, "load_diarizer"):
                 diarizer = Diarizer.load()
         with Phase(record, "diarize"):  # both: the embeddings are done with the transcription, the clustering left
-            if stream is not None:
-                found = diarizer.diarize_stream(stream, num_speakers=num_speakers)
+            if embedder is not None:
+                found = diarizer.diarize_stream(embedder, num_speakers=num_speakers)
             else:
                 found = diarizer.diarize(str(wav), speech=list(speech.spans), speech_pad_s=speech.pad_s,
                                          num_speakers=num_speakers)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -196,36 +194,10 @@ class Diarizer:
     def _embed_regions(self, regions: Iterable[tuple[int, np.ndarray]]):
         """Embeddings of every window of every region: (times (n, 2), embeddings (n, 256), full (n,),
         region of each window, the regions' (start, end) in seconds)."""
-        times, vectors, full, owner, spans = [], [], [], [], []
-        pending: list[np.ndarray] = []
-        pending_at: list[int] = []
-
-        def flush():
-            if pending:
-                out = self._embed(np.stack(pending))
-                for index, vector in zip(pending_at, out, strict=True):
-                    vectors[index] = vector
-                pending.clear()
-                pending_at.clear()
-
+        embeddings = _Embeddings(self)
         for start, audio in regions:
-            spans.append((start / SAMPLE_RATE, (start + audio.shape[0]) / SAMPLE_RATE))
-            for t0, t1, mel, is_full in self._windows(start, audio):
-                times.append((t0, t1))
-                full.append(is_full)
-                owner.append(len(spans) - 1)
-                vectors.append(None)
-                if mel.shape[0] == features.PARTIAL_FRAMES:
-                    pending.append(mel)
-                    pending_at.append(len(vectors) - 1)
-                    if len(pending) == BATCH:
-                        flush()
-                else:
-                    vectors[-1] = self._embed(mel[None])[0]
-        flush()
-        dim = vectors[0].shape[0] if vectors else 256
-        return (np.array(times, dtype=np.float64).reshape(-1, 2), np.array(vectors, dtype=np.float32).reshape(-1, dim),
-                np.array(full, dtype=bool), np.array(owner, dtype=int), spans)
+            embeddings.add(start, audio)
+        return embeddings.result()
 
     def _regions(self, audio, speech) -> Iterator[tuple[int, np.ndarray]]:
         from ..audio import PcmStream
@@ -353,97 +325,94 @@ class Diarizer:
         return out
 
 
-class SpeechStream:
-    """Speech regions embedded in a thread of their own as an engine's VAD hands them out (Engine.transcribe's
-    on_speech), beside the model: the file is decoded once, and the embeddings (most of diarization's work)
-    are done when the transcription is. The regions are brought to the diarizer's padding as diarize() does
-    (_trimmed: an edge that touches no other region moves in), so the result is diarize()'s with the same
-    regions. At most QUEUE regions wait (30 s of audio each at most): a slower diarizer holds the VAD back.
-    Use as a context manager: leaving it stops the thread."""
-
-    QUEUE = 4
-    _END = object()
+class _Embeddings:
+    """The windows of speech regions embedded as the regions come, BATCH windows per encoder call."""
 
     def __init__(self, diarizer: Diarizer):
         self._diarizer = diarizer
-        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE)
+        self.times: list[tuple[float, float]] = []
+        self.vectors: list[np.ndarray | None] = []
+        self.full: list[bool] = []
+        self.owner: list[int] = []
+        self.spans: list[tuple[float, float]] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_at: list[int] = []
+
+    def add(self, start: int, audio: np.ndarray) -> None:
+        self.spans.append((start / SAMPLE_RATE, (start + audio.shape[0]) / SAMPLE_RATE))
+        for t0, t1, mel, is_full in self._diarizer._windows(start, audio):
+            self.times.append((t0, t1))
+            self.full.append(is_full)
+            self.owner.append(len(self.spans) - 1)
+            self.vectors.append(None)
+            if mel.shape[0] == features.PARTIAL_FRAMES:
+                self._pending.append(mel)
+                self._pending_at.append(len(self.vectors) - 1)
+                if len(self._pending) == BATCH:
+                    self._flush()
+            else:
+                self.vectors[-1] = self._diarizer._embed(mel[None])[0]
+
+    def _flush(self) -> None:
+        if self._pending:
+            out = self._diarizer._embed(np.stack(self._pending))
+            for index, vector in zip(self._pending_at, out, strict=True):
+                self.vectors[index] = vector
+            self._pending.clear()
+            self._pending_at.clear()
+
+    def result(self):
+        self._flush()
+        dim = self.vectors[0].shape[0] if self.vectors else 256
+        return (np.array(self.times, dtype=np.float64).reshape(-1, 2),
+                np.array(self.vectors, dtype=np.float32).reshape(-1, dim), np.array(self.full, dtype=bool),
+                np.array(self.owner, dtype=int), self.spans)
+
+
+class SpeechStream:
+    """Speech regions embedded as an engine hands them out (Engine.transcribe's on_speech, called in the
+    model's thread between its batches): the file is decoded once and the VAD runs once, and when the
+    transcription ends only the clustering is left. In the model's thread, not beside it: on 2 cores an
+    encoder thread beside CTranslate2's took more time than it saved (+23 % CPU and +36 % wall on a 10-minute
+    meeting, against +18 % and +13 % in turn; bench/README.md). The regions are brought to the diarizer's
+    padding as diarize() does (_trimmed: an edge that touches no other region moves in), so the result is
+    diarize()'s with the same regions; each is embedded once the next one says whether they touch."""
+
+    def __init__(self, diarizer: Diarizer):
+        self._embeddings = _Embeddings(diarizer)
         self._held: tuple[int, np.ndarray, int] | None = None  # the last region: its end edge waits for the next
         self._previous_end = -1  # the sample after the region before the held one, -1 at the start
-        self._stop = threading.Event()
-        self._result = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="diarize", daemon=True)
-        self._thread.start()
         self.regions = 0  # regions received
 
     def __enter__(self) -> SpeechStream:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._held = None
 
     def add(self, start: int, audio: np.ndarray, pad_s: float) -> None:
-        """One speech region of the transcription's VAD, in order: its first sample, its samples (kept, not
-        copied: the engine does not write to them), the padding its VAD put around the speech."""
-        cut = max(0, round((pad_s - VAD["speech_pad_ms"] / 1000) * SAMPLE_RATE))
+        """One speech region of the transcription's VAD, in order: its first sample, its samples (kept until
+        the next region comes, not copied: the engine does not write to them), the padding its VAD put
+        around the speech."""
         if self._held is not None:
             self._release(touches_next=start - (self._held[0] + self._held[1].shape[0]) <= TOUCH_SAMPLES)
-        self._held = (start, audio, cut)
+        self._held = (start, audio, max(0, round((pad_s - VAD["speech_pad_ms"] / 1000) * SAMPLE_RATE)))
         self.regions += 1
 
     def _release(self, touches_next: bool) -> None:
-        start, audio, cut = self._held
-        end = start + audio.shape[0]
-        alone_before = start > 0 and (self._previous_end < 0 or start - self._previous_end > TOUCH_SAMPLES)
-        first, last = cut * alone_before, audio.shape[0] - cut * (not touches_next)
-        self._previous_end = end
-        self._held = None
-        if last > first:
-            self._put((start + first, audio[first:last]))
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
         from .blas import single_threaded
 
-        def regions():
-            while (item := self._queue.get()) is not self._END:
-                yield item
-
-        try:
-            with single_threaded():
-                self._result = self._diarizer._embed_regions(regions())
-        except BaseException as exc:  # noqa: BLE001 - raised by finish(), in the caller's thread
-            self._error = exc
-            self._stop.set()  # add() no longer waits for a thread that has stopped reading
+        start, audio, cut = self._held
+        alone_before = start > 0 and (self._previous_end < 0 or start - self._previous_end > TOUCH_SAMPLES)
+        first, last = cut * alone_before, audio.shape[0] - cut * (not touches_next)
+        self._previous_end = start + audio.shape[0]
+        self._held = None
+        if last > first:
+            with single_threaded():  # the mel features' matrix products, as diarize()
+                self._embeddings.add(start + first, audio[first:last])
 
     def finish(self):
-        """The embeddings of every region (what Diarizer.label takes), once the last is done."""
+        """The embeddings of every region (what Diarizer.label takes)."""
         if self._held is not None:
             self._release(touches_next=False)
-        self._put(self._END)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def close(self) -> None:
-        """Stop the thread, whatever it was doing (a transcription that failed or was cancelled)."""
-        if self._thread.is_alive():
-            self._stop.set()
-            try:
-                while True:  # make room, then the end
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                self._queue.put_nowait(self._END)
-            except queue.Full:
-                pass
-            self._thread.join()
+        return self._embeddings.result()

@@ -119,8 +119,8 @@ class Engine(Protocol):
         `on_segments`, if given, receives every segment of the result once, in order, as soon as it is final
         (an engine that cannot tell before the end hands them all at the end). `hold`, if given, is entered
         around each stretch of the model's work, and left while the engine waits for audio. `on_speech`, if
-        given, receives each speech region of its VAD in order, from another thread (an engine without a VAD
-        never calls it, and its result has no `speech`)."""
+        given, receives each speech region of its VAD in order, in the model's thread as the model takes it
+        (an engine without a VAD never calls it, and its result has no `speech`)."""
 
 
 def build_engine(settings) -> Engine:

@@ -188,12 +188,16 @@ def speech_regions(blocks: Iterable[np.ndarray], vad_options=None, max_s: float 
             buf_start = scan_from
 
 
-def _noting_spans(regions: Iterator[Region], spans: list[tuple[float, float]],
-                  on_speech: SpeechFn | None = None) -> Iterator[Region]:
+def _noting_spans(regions: Iterator[Region], spans: list[tuple[float, float]]) -> Iterator[Region]:
     for region in regions:
         spans.append((region.start / SAMPLE_RATE, (region.start + region.audio.shape[0]) / SAMPLE_RATE))
-        if on_speech is not None:
-            on_speech(region.start, region.audio, SPEECH_PAD_MS / 1000)
+        yield region
+
+
+def _handing_out(regions: Iterator[Region], on_speech: SpeechFn) -> Iterator[Region]:
+    """The regions, each handed to on_speech as the packer takes it: in the model's thread, between batches."""
+    for region in regions:
+        on_speech(region.start, region.audio, SPEECH_PAD_MS / 1000)
         yield region
 
 
@@ -381,9 +385,10 @@ class FasterWhisperEngine:
         try:
             with PcmStream(path, max_seconds=options.max_duration_s) as stream:
                 blocks = stream.blocks(LIVE_BLOCK_S if options.live else BLOCK_S)
-                noted = _noting_spans(speech_regions(blocks, vad_options), spans, on_speech if vad_options else None)
-                prefetch = _Prefetch(noted, PREFETCH_REGIONS)
+                prefetch = _Prefetch(_noting_spans(speech_regions(blocks, vad_options), spans), PREFETCH_REGIONS)
                 with prefetch as regions:
+                    if on_speech is not None and vad_options is not None:
+                        regions = _handing_out(regions, on_speech)
                     self._decode_all(run, regions, options, progress, should_stop, on_segments,
                                      ready=prefetch.ready if options.live else None, hold=hold)
             duration = stream.seconds_read
