@@ -374,7 +374,7 @@ class SpeechStream:
     model's thread between its batches): the file is decoded once and the VAD runs once, and when the
     transcription ends only the clustering is left. In the model's thread, not beside it: on 2 cores an
     encoder thread beside CTranslate2's took more time than it saved (+23 % CPU and +36 % wall on a 10-minute
-    meeting, against +18 % and +13 % in turn; bench/README.md). The regions are brought to the diarizer's
+    meeting, against +17 % and +10 % in turn; bench/README.md). The regions are brought to the diarizer's
     padding as diarize() does (_trimmed: an edge that touches no other region moves in), so the result is
     diarize()'s with the same regions; each is embedded once the next one says whether they touch."""
 
