@@ -12,7 +12,7 @@ Quality, per meeting: the service's engine transcribes with word timestamps, the
 
 Cost (`--cost`): on a 10-minute meeting, the transcription alone (the service's default options) and
 transcription with word timestamps + diarization + attribution as the service runs them (the speech regions
-embedded beside the model as its VAD finds them, then the clustering), each in a fresh process: CPU seconds
+embedded in the model's thread as the model takes them, then the clustering), each in a fresh process: CPU seconds
 (user + sys), wall seconds, and memory (the peak over the resident size just before each phase, VmHWM reset
 per phase); then diarization alone on the same meeting looped to 3 hours. Goals: +15 % processing time,
 +120 MB peak, the 3-hour meeting within the same memory.

@@ -199,13 +199,13 @@ def _too_large(name: str) -> ApiError:
 def transcribe(engine, diarizer, path: str, options, speaker_options: SpeakerOptions | None,
                **kwargs) -> Transcription:
     """engine.transcribe(path, options, **kwargs), with each segment's speaker when `speaker_options` asks for
-    them. The diarizer embeds the speech regions as the engine's VAD finds them, in a thread beside the model:
-    the file is decoded once and the VAD runs once, and at the end only the clustering is left."""
+    them. The diarizer embeds the engine's speech regions as the model takes them, in the model's thread: the
+    file is decoded once and the VAD runs once, and at the end only the clustering is left."""
     if speaker_options is None:
         return engine.transcribe(path, options, **kwargs)
-    with diarizer.stream() as stream:
-        result = engine.transcribe(path, options, on_speech=stream.add, **kwargs)
-        return label(diarizer, path, result, speaker_options, stream=stream)
+    stream = diarizer.stream()
+    result = engine.transcribe(path, options, on_speech=stream.add, **kwargs)
+    return label(diarizer, path, result, speaker_options, stream=stream)
 
 
 def label(diarizer, path: str, result: Transcription, options: SpeakerOptions, stream=None) -> Transcription:

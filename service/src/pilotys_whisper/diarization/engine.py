@@ -31,7 +31,7 @@ SMOOTH_ROWS = 4096  # embeddings smoothed at a time (a 4 MB block)
 BLOCK_S = 40.0  # audio decoded at a time, as the faster engine
 # Silero VAD as the faster engine runs it, with less padding: padding turns silence into speech of someone.
 VAD = {"max_speech_duration_s": 30.0, "min_silence_duration_ms": 160, "speech_pad_ms": 100}
-TOUCH_SAMPLES = 16  # two regions closer than 1 ms touch (as _trimmed has it): one region cut at 30 s, or shared silence
+TOUCH_S = 1e-3  # two regions closer than this touch: one region cut at 30 s, or silence shared out between two
 REFERENCE_MIN_S, REFERENCE_MAX_S = 1.0, 30.0  # a known speaker's clip: speech in it, and the clip's length
 # A cluster takes a known name only if its voice is this close to the reference (cosine of GE2E embeddings;
 # the same voice scores above 0.85, two different synthetic voices of one gender up to about 0.8).
@@ -87,6 +87,15 @@ def _given_regions(blocks: Iterable[np.ndarray], speech: list[tuple[float, float
                 yield max(start, buf_start), buf[max(start, buf_start) - buf_start:end - buf_start].copy()
 
 
+def _trim(start, end, previous_end, next_start, cut, touch):
+    """One region's edges brought in by `cut` where they touch no other region (closer than `touch`; the
+    neighbours' edges None at either end of the recording), in seconds or in samples alike. An edge at 0 stays:
+    its padding was cut off there."""
+    alone_before = start > 0 and (previous_end is None or start - previous_end > touch)
+    alone_after = next_start is None or next_start - end > touch
+    return start + cut * alone_before, end - cut * alone_after
+
+
 def _trimmed(speech: list[tuple[float, float]], pad_s: float) -> list[tuple[float, float]]:
     """Regions another VAD pass padded by `pad_s` brought to the diarizer's own padding: an edge that touches
     no other region (so its padding is all there) moves in by the difference; where two regions touch, the
@@ -97,9 +106,8 @@ def _trimmed(speech: list[tuple[float, float]], pad_s: float) -> list[tuple[floa
         return spans
     out = []
     for i, (start, end) in enumerate(spans):
-        alone_before = start > 0 and (i == 0 or start - spans[i - 1][1] > 1e-3)
-        alone_after = i == len(spans) - 1 or spans[i + 1][0] - end > 1e-3
-        start, end = start + cut * alone_before, end - cut * alone_after
+        start, end = _trim(start, end, spans[i - 1][1] if i else None,
+                           spans[i + 1][0] if i + 1 < len(spans) else None, cut, TOUCH_S)
         if end > start:
             out.append((start, end))
     return out
@@ -381,38 +389,29 @@ class SpeechStream:
     def __init__(self, diarizer: Diarizer):
         self._embeddings = _Embeddings(diarizer)
         self._held: tuple[int, np.ndarray, int] | None = None  # the last region: its end edge waits for the next
-        self._previous_end = -1  # the sample after the region before the held one, -1 at the start
-        self.regions = 0  # regions received
-
-    def __enter__(self) -> SpeechStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._held = None
+        self._previous_end: int | None = None  # the sample after the region before the held one
 
     def add(self, start: int, audio: np.ndarray, pad_s: float) -> None:
         """One speech region of the transcription's VAD, in order: its first sample, its samples (kept until
         the next region comes, not copied: the engine does not write to them), the padding its VAD put
         around the speech."""
         if self._held is not None:
-            self._release(touches_next=start - (self._held[0] + self._held[1].shape[0]) <= TOUCH_SAMPLES)
+            self._release(next_start=start)
         self._held = (start, audio, max(0, round((pad_s - VAD["speech_pad_ms"] / 1000) * SAMPLE_RATE)))
-        self.regions += 1
 
-    def _release(self, touches_next: bool) -> None:
+    def _release(self, next_start: int | None) -> None:
         from .blas import single_threaded
 
         start, audio, cut = self._held
-        alone_before = start > 0 and (self._previous_end < 0 or start - self._previous_end > TOUCH_SAMPLES)
-        first, last = cut * alone_before, audio.shape[0] - cut * (not touches_next)
-        self._previous_end = start + audio.shape[0]
-        self._held = None
+        end = start + audio.shape[0]
+        first, last = _trim(start, end, self._previous_end, next_start, cut, TOUCH_S * SAMPLE_RATE)
+        self._previous_end, self._held = end, None
         if last > first:
             with single_threaded():  # the mel features' matrix products, as diarize()
-                self._embeddings.add(start + first, audio[first:last])
+                self._embeddings.add(first, audio[first - start:last - start])
 
     def finish(self):
         """The embeddings of every region (what Diarizer.label takes)."""
         if self._held is not None:
-            self._release(touches_next=False)
+            self._release(next_start=None)
         return self._embeddings.result()
