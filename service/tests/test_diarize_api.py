@@ -18,7 +18,7 @@ from openai import OpenAI
 from openai.types.audio import TranscriptionDiarized
 
 from pilotys_whisper.app import create_app
-from pilotys_whisper.webhooks import verify
+from pilotys_whisper.jobs.webhooks import verify
 
 from conftest import FakeEngine, https_receiver, make_settings
 from speakers import reference_clip, three_speakers, write_wav

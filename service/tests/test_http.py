@@ -13,9 +13,9 @@ import time
 import pytest
 import requests
 
-from pilotys_whisper import app as app_module
 from pilotys_whisper.app import create_app
 from pilotys_whisper.forms import MAX_FIELDS_BODY_BYTES, MAX_FORM_FIELDS_BYTES, MAX_FORM_PARTS
+from pilotys_whisper.routes import transcription
 from pilotys_whisper.server import make_server
 
 from conftest import KEY, FakeEngine, make_settings
@@ -439,7 +439,7 @@ def test_queue_full_gives_429_and_health_stays_fast(served, audio, monkeypatch):
         assert time.monotonic() < deadline, "the second request never queued"
         time.sleep(0.05)
     probed = []
-    monkeypatch.setattr(app_module, "probe", lambda path, probe=app_module.probe: probed.append(path) or probe(path))
+    monkeypatch.setattr(transcription, "probe", lambda path, probe=transcription.probe: probed.append(path) or probe(path))
     _post_file(url, audio, results, 2)
     busy = results[2]
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"

@@ -9,7 +9,7 @@ import pytest
 
 from pilotys_whisper.app import create_app
 from pilotys_whisper.errors import ApiError
-from pilotys_whisper.webhooks import WebhookPolicy, verify
+from pilotys_whisper.jobs.webhooks import WebhookPolicy, verify
 
 from conftest import FakeEngine, RawTLSServer, free_port, https_receiver, make_certificate, make_settings, read_request
 

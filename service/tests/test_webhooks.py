@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pilotys_whisper.errors import ApiError
-from pilotys_whisper.webhooks import DeliveryError, WebhookPolicy
+from pilotys_whisper.jobs.webhooks import DeliveryError, WebhookPolicy
 
 from conftest import RawTLSServer, make_certificate, read_request
 

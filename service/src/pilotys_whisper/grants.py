@@ -42,7 +42,7 @@ class Grant:
     idempotency_key: str
     fields: dict[str, str | list[str]]
     expires_at: int
-    live: bool = False  # for a live upload (POST /v1/live, live.py), not a one-shot job
+    live: bool = False  # for a live upload (POST /v1/live, routes/live.py), not a one-shot job
 
 
 def is_grant(authorization: str | None) -> bool:

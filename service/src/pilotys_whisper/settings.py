@@ -75,7 +75,7 @@ class Settings:
     job_retention_s: int = 24 * 3600
     job_purge_interval_s: int = 60
     spool_min_free_mb: int = 256
-    live_idle_timeout_s: int = 2 * 3600  # a live upload idle this long is finalized (live.py)
+    live_idle_timeout_s: int = 2 * 3600  # a live upload idle this long is finalized (jobs/live.py)
     live_incremental: bool = False  # transcribe a live upload as it arrives (a slot per chunk); off: see README
     job_backend: str = "sqlite"  # sqlite: this host only; postgresql: a queue shared by several workers
     job_database: Secret | None = None  # libpq connection string (postgresql backend)

@@ -44,7 +44,7 @@ class TranscribeOptions:
     word_timestamps: bool = False
     max_duration_s: float | None = None
     duration_hint: float | None = None  # from probing, for progress; None if unknown
-    # A live upload (live.py): the audio arrives as it is recorded, so the engine looks at it in small blocks
+    # A live upload (jobs/live.py): the audio arrives as it is recorded, so the engine looks at it in small blocks
     # and decodes each 30 s chunk as soon as it is complete, not once a batch of them has arrived.
     live: bool = False
 

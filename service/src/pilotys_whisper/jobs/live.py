@@ -1,4 +1,5 @@
-"""Live uploads: a meeting recorded as it goes, sent with the tus 1.0 resumable upload protocol at /v1/live.
+"""Live uploads: a meeting recorded as it goes, sent with the tus 1.0 resumable upload protocol at /v1/live
+(the routes: routes/live.py; this module knows nothing of HTTP).
 
 POST /v1/live creates an upload and its job at once (the job's options in Upload-Metadata); the browser then
 appends each MediaRecorder timeslice with PATCH at the server's Upload-Offset, and declares the final
@@ -26,47 +27,27 @@ on PostgreSQL the complete upload is queued as any job (a worker takes it from t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hashlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
-from email.utils import formatdate
 
-from flask import Blueprint, Response, g, jsonify, request
-from werkzeug.datastructures import MultiDict
-
-from . import audio, grants, live_storage
-from .engines import Cancelled, TranscribeOptions
-from .errors import ApiError
+from .. import audio
+from ..engines import Cancelled, TranscribeOptions
+from ..errors import ApiError
+from . import live_storage
 
 log = logging.getLogger("pilotys_whisper.live")
 
-TUS_VERSION = "1.0.0"
-TUS_EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "termination", "expiration",
-                  "checksum")
-CHECKSUMS = {"sha1": hashlib.sha1}
-CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
 # The data is checked as audio once this much has arrived (or the upload is complete): a browser's first blob
 # holds the container's header; what FFmpeg cannot open by then fails the job at once, not at the end.
 PROBE_BYTES = 64 * 1024
 READ_BYTES = 1 << 20
-# Upload-Metadata keys: the fields of POST /v1/jobs, and those tus clients add on their own (ignored).
-METADATA_FIELDS = ("language", "model", "prompt", "response_format", "temperature", "timestamp_granularities",
-                   "callback_url", "idempotency_key")
-METADATA_IGNORED = ("filename", "filetype", "name", "type", "relativePath")
-# Headers a browser must be allowed to send and to read (CORS, app.py).
-REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Defer-Length",
-                   "Upload-Checksum", "Upload-Concat")
-RESPONSE_HEADERS = ("Location", "Upload-Offset", "Upload-Length", "Upload-Defer-Length", "Upload-Expires",
-                    "Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm",
-                    "Whisper-Job-Id", "Whisper-Transcribed-S")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS live_uploads (
     id TEXT PRIMARY KEY,
@@ -83,40 +64,6 @@ CREATE TABLE IF NOT EXISTS live_uploads (
 CREATE INDEX IF NOT EXISTS live_uploads_by_state ON live_uploads (state, updated_at);
 """
 # receiving: PATCH appends; finished: the job has all it will get (length reached, idle, too large, bad data).
-
-
-def parse_metadata(header: str | None) -> dict[str, str]:
-    """Upload-Metadata: comma-separated `key base64(value)` pairs (a key alone: an empty value)."""
-    out: dict[str, str] = {}
-    for item in (header or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, _, value = item.partition(" ")
-        try:
-            out[key] = base64.b64decode(value.strip(), validate=True).decode() if value.strip() else ""
-        except (binascii.Error, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_upload_metadata",
-                           f"Upload-Metadata: the value of {key!r} is not base64 of UTF-8 text") from exc
-    return out
-
-
-def _metadata() -> dict[str, str]:
-    metadata = parse_metadata(request.headers.get("Upload-Metadata"))
-    unknown = sorted(set(metadata) - set(METADATA_FIELDS) - set(METADATA_IGNORED))
-    if unknown:
-        raise ApiError(400, "unknown_field", f"unknown Upload-Metadata key(s) {', '.join(unknown)}; a live upload "
-                       f"takes {', '.join(METADATA_FIELDS)}", param=unknown[0])
-    return metadata
-
-
-def _integer(name: str, low: int = 0) -> int | None:
-    raw = request.headers.get(name)
-    if raw is None:
-        return None
-    if not re.fullmatch(r"[0-9]{1,19}", raw.strip()) or int(raw) < low:
-        raise ApiError(400, "invalid_" + name.lower().replace("-", "_"), f"{name} must be a whole number of bytes")
-    return int(raw)
 
 
 class _Stopping(Exception):
@@ -149,7 +96,7 @@ class GrowingFile:
             if finished:
                 return b""
             # A while without data: ask the job (a cancel through DELETE /v1/jobs reaches only the database).
-            job = live.manager._one("SELECT status, cancel_requested FROM jobs WHERE id = "
+            job = live.manager.one("SELECT status, cancel_requested FROM jobs WHERE id = "
                                     "(SELECT job_id FROM live_uploads WHERE id = ?)", (self.upload_id,))
             if job is None or job["cancel_requested"] or job["status"] != "receiving":
                 raise Cancelled()
@@ -208,7 +155,7 @@ class LiveUploads:
             "SELECT id FROM live_uploads WHERE state = 'receiving' AND updated_at <= ?", (cutoff,))
         for row in rows:
             with self._lock(row["id"]):
-                upload = self._row(row["id"])
+                upload = self.row(row["id"])
                 if upload is not None and upload["state"] == "receiving" and upload["updated_at"] <= cutoff:
                     log.info("live upload %s idle for %d s: finalized with %d bytes", upload["id"],
                              self.settings.live_idle_timeout_s, upload["received"])
@@ -217,160 +164,70 @@ class LiveUploads:
         self.manager.store.execute("DELETE FROM live_uploads WHERE job_id NOT IN (SELECT id FROM jobs)")
         return len(rows)
 
-    # -- routes --------------------------------------------------------------------------------------------
+    # -- what the routes ask (routes/live.py) --------------------------------------------------------------
 
-    def blueprint(self) -> Blueprint:
-        bp = Blueprint("live", __name__)
-        bp.add_url_rule("/v1/live", view_func=self.options, methods=["OPTIONS"], provide_automatic_options=False)
-        bp.add_url_rule("/v1/live", view_func=self.create, methods=["POST"])
-        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.options, methods=["OPTIONS"],
-                        provide_automatic_options=False)
-        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.status, methods=["HEAD"])
-        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.append, methods=["PATCH"])
-        bp.add_url_rule("/v1/live/<upload_id>", view_func=self.terminate, methods=["DELETE"])
-        bp.after_request(self._tus_headers)
-        return bp
-
-    @staticmethod
-    def _tus_headers(response: Response) -> Response:
-        if request.method != "OPTIONS":
-            response.headers["Tus-Resumable"] = TUS_VERSION
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-    def options(self, upload_id: str | None = None):
-        """The server's capabilities (no key needed, as tus clients ask before anything else)."""
-        response = Response(status=204)
-        response.headers.update({"Tus-Version": TUS_VERSION, "Tus-Extension": ",".join(TUS_EXTENSIONS),
-                                 "Tus-Max-Size": str(self.settings.max_upload_bytes),
-                                 "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)})
-        return response
-
-    def create(self):
-        from .app import FormFields
-
-        self._check_request()
-        authorization = request.headers.get("Authorization")
-        grant_key = None
-        if grants.is_grant(authorization):
-            grant = grants.verify(self.state.keyring, authorization)
-            if not grant.live:
-                raise _one_shot_grant()
-            g.principal = principal = grant.principal
-            idempotency_key = grant_key = grant.idempotency_key
-            fields, metadata = MultiDict(grant.fields), _metadata()
-        else:
-            principal = self.state.authenticate()
-            metadata = _metadata()
-            idempotency_key = self.manager._idempotency_key(
-                metadata.pop("idempotency_key", None) or request.headers.get("Idempotency-Key"), param=None)
-            fields = MultiDict({k: v for k, v in metadata.items() if k in METADATA_FIELDS})
-            if "timestamp_granularities" in fields:
-                fields.setlist("timestamp_granularities[]", fields.pop("timestamp_granularities").split(","))
-        length = _integer("Upload-Length")
-        deferred = request.headers.get("Upload-Defer-Length")
-        if deferred is not None and deferred.strip() != "1":
-            raise ApiError(400, "invalid_upload_defer_length", "Upload-Defer-Length may only be 1")
-        if (length is None) == (deferred is None):
-            raise ApiError(400, "missing_upload_length",
-                           "send either Upload-Length or Upload-Defer-Length: 1 (length declared later)")
-        if length is not None and length > self.settings.max_upload_bytes:
-            raise ApiError(413, "file_too_large", f"the upload is larger than {self.settings.max_upload_mb} MB")
+    def create(self, owner: str, *, options: TranscribeOptions, response_format: str, filename: str,
+               length: int | None, callback_url: str | None, idempotency_key: str | None,
+               grant_key: str | None = None):
+        """A new upload and its job, waiting for audio; (the upload's row, replayed): replayed when the
+        idempotency key already named a live upload (that one, nothing created)."""
+        manager = self.manager
         if idempotency_key:
-            existing = self.manager._by_idempotency_key(principal.owner, idempotency_key)
+            existing = manager.by_idempotency_key(owner, idempotency_key)
             if existing is not None:
-                return self._replayed(existing)
-        checked = FormFields.check(self.state, fields)
-        callback_url = (fields.get("callback_url") or "").strip() or None
-        if callback_url:
-            self.manager._check_callback(principal, callback_url)
-        self.manager._check_free_space(length or 0)
-        options = TranscribeOptions(language=checked.language, prompt=checked.prompt,
-                                    temperature=checked.temperature,
-                                    word_timestamps="word" in checked.granularities)
-        options = {k: v for k, v in asdict(options).items() if k != "max_duration_s"}
+                return self.upload_of_job(existing), True
+        manager.check_free_space(length or 0)
+        stored = {k: v for k, v in asdict(options).items() if k != "max_duration_s"}
         job_id = "job_" + uuid.uuid4().hex
         upload_id = "up_" + uuid.uuid4().hex
         self.storage.create(job_id)
         now = time.time()
         try:
-            with self.manager.store.transaction() as db:
+            with manager.store.transaction() as db:
                 if idempotency_key and db.execute("SELECT 1 FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                                                  (principal.owner, idempotency_key)).fetchone():
+                                                  (owner, idempotency_key)).fetchone():
                     raise _Replay()
                 db.execute(
                     "INSERT INTO jobs (id, owner, status, created_at, filename, size, options, response_format, "
                     "callback_url, idempotency_key, webhook_status) VALUES (?, ?, 'receiving', ?, ?, 0, ?, ?, ?, ?, ?)",
-                    (job_id, principal.owner, now, (metadata.get("filename") or "live")[:255], json.dumps(options),
-                     checked.response_format, callback_url, idempotency_key, "pending" if callback_url else "none"))
+                    (job_id, owner, now, (filename or "live")[:255], json.dumps(stored), response_format,
+                     callback_url, idempotency_key, "pending" if callback_url else "none"))
                 db.execute("INSERT INTO live_uploads (id, job_id, owner, grant_key, state, length, created_at, "
                            "updated_at) VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?)",
-                           (upload_id, job_id, principal.owner, grant_key, length, now, now))
+                           (upload_id, job_id, owner, grant_key, length, now, now))
         except _Replay:
             self.storage.discard(job_id)
-            return self._replayed(self.manager._by_idempotency_key(principal.owner, idempotency_key))
+            return self.upload_of_job(manager.by_idempotency_key(owner, idempotency_key)), True
         except Exception:
             self.storage.discard(job_id)
             existing = None
             if idempotency_key:  # PostgreSQL: a creation with this key committed while this one waited for it
                 with contextlib.suppress(ApiError):
-                    existing = self.manager._by_idempotency_key(principal.owner, idempotency_key)
+                    existing = manager.by_idempotency_key(owner, idempotency_key)
             if existing is None:
                 raise
-            return self._replayed(existing)
+            return self.upload_of_job(existing), True
         except BaseException:
             self.storage.discard(job_id)
             raise
         log.info("live upload %s created for job %s (%s)", upload_id, job_id,
                  f"{length} bytes" if length is not None else "length deferred")
-        upload = self._row(upload_id)
+        upload = self.row(upload_id)
         if length == 0:  # complete at creation, with nothing in it
             self._finalize(upload)
-            upload = self._row(upload_id)
-        status = 201
-        error = None
-        if request.mimetype == CHUNK_CONTENT_TYPE and (request.content_length or request.headers.get(
-                "Transfer-Encoding")):
-            try:
-                upload = self._append(upload, offset=0)
-            except ApiError as exc:  # the upload exists: say where it is, with the error
-                error = exc
-                upload = self._row(upload_id)
-        if error is not None:
-            response = jsonify(error.body())
-            status = error.status
-        else:
-            response = Response(status=status)
-        response.status_code = status
-        response.headers.update(self._upload_headers(upload))
-        response.headers["Location"] = f"/v1/live/{upload_id}"
-        return response
+            upload = self.row(upload_id)
+        return upload, False
 
-    def status(self, upload_id: str):
-        self._check_request()
-        upload = self._owned(upload_id)
-        response = Response(status=200)
-        response.headers.update(self._upload_headers(upload))
-        return response
-
-    def append(self, upload_id: str):
-        self._check_request()
-        self._owned(upload_id)
-        if request.mimetype != CHUNK_CONTENT_TYPE:
-            raise ApiError(415, "unsupported_media_type", f"a PATCH carries Content-Type: {CHUNK_CONTENT_TYPE}")
-        offset = _integer("Upload-Offset")
-        if offset is None:
-            raise ApiError(400, "missing_upload_offset", "send the offset the data starts at as Upload-Offset")
+    def append(self, upload_id: str, offset: int, body: Callable[[int], bytes], *, content_length: int | None,
+               declared_length: int | None = None, checksum=None):
+        """Append what body(n) reads (up to its end) at offset, durably; the upload's row afterwards.
+        declared_length: Upload-Length, when this request declares it; checksum: (hash factory, digest)."""
         with self._lock(upload_id):
-            upload = self._append(self._row(upload_id), offset)
-        response = Response(status=204)
-        response.headers.update(self._upload_headers(upload))
-        return response
+            return self._append(self.row(upload_id), offset, body, content_length, declared_length, checksum)
 
-    def terminate(self, upload_id: str):
+    def terminate(self, upload) -> None:
         """tus termination: the job is cancelled (a running one at its next chunk) and the audio deleted."""
-        self._check_request()
-        upload = self._owned(upload_id)
+        upload_id = upload["id"]
         with self._lock(upload_id):
             now = time.time()
             with self.manager.store.transaction() as db:
@@ -387,22 +244,32 @@ class LiveUploads:
                 if upload_id in self._transcribing:
                     self._cancelled.add(upload_id)
                     self._cond.notify_all()
-            job = self.manager._get(upload["job_id"])
+            job = self.manager.get(upload["job_id"])
             if job is not None and job["status"] == "cancelled":
                 self.manager.store.delete_audio(upload["job_id"])
         log.info("live upload %s terminated (job %s)", upload_id, upload["job_id"])
-        return Response(status=204)
 
-    # -- the work ------------------------------------------------------------------------------------------
+    def row(self, upload_id: str):
+        rows = self.manager.store.query("SELECT * FROM live_uploads WHERE id = ?", (upload_id,))
+        return rows[0] if rows else None
 
-    def _append(self, upload, offset: int):
-        """Append the request's body at offset; returns the upload's row afterwards. Holds the upload's lock."""
+    def upload_of_job(self, job):
+        """The live upload a job was created with (an idempotency key's replay)."""
+        rows = self.manager.store.query("SELECT * FROM live_uploads WHERE job_id = ?", (job["id"],))
+        if not rows:
+            raise ApiError(409, "idempotency_key_in_use", "this idempotency key names a job that is not a live upload")
+        return rows[0]
+
+    # -- the work -------------------------------------------------------------------------------------------
+
+    def _append(self, upload, offset: int, read: Callable[[int], bytes], content_length: int | None,
+                declared: int | None, checksum):
+        """Append what read() gives at offset; returns the upload's row afterwards. Holds the upload's lock."""
         if upload is None:
-            raise _not_found()
-        job = self.manager._get(upload["job_id"])
+            raise not_found()
+        job = self.manager.get(upload["job_id"])
         _check_appendable(upload["received"], upload["state"], job["status"] if job else None, offset)
         length = upload["length"]
-        declared = _integer("Upload-Length")
         if declared is not None:
             if length is not None and declared != length:
                 raise ApiError(400, "upload_length_changed", f"the upload's length is already {length} bytes")
@@ -410,26 +277,24 @@ class LiveUploads:
                 raise ApiError(400, "invalid_upload_length",
                                f"Upload-Length {declared} is less than the {upload['received']} bytes received")
             length = declared
-        checksum = self._checksum()
         max_bytes = self.settings.max_upload_bytes
         limit = min(length, max_bytes) if length is not None else max_bytes
         room = limit - offset
-        if request.content_length is not None and request.content_length > room:
-            if length is not None and request.content_length > length - offset:
+        if content_length is not None and content_length > room:
+            if length is not None and content_length > length - offset:
                 raise ApiError(400, "exceeds_upload_length",
                                f"the data goes past the upload's length of {length} bytes")
             self._finalize(upload)
-            raise _too_large(max_bytes, upload["received"])
+            raise too_large(max_bytes, upload["received"])
         if length is not None and length > max_bytes:
             self._finalize(upload)
-            raise _too_large(max_bytes, upload["received"])
-        request.max_content_length = room + 1  # the per-request bound on bodies (app.py) is for form fields
+            raise too_large(max_bytes, upload["received"])
 
         def body():
             """The request's body in pieces; raises (and the storage keeps none of it) past the room left or
             when it does not match Upload-Checksum."""
             written, digest = 0, checksum[0]() if checksum else None
-            while chunk := request.stream.read(READ_BYTES):
+            while chunk := read(READ_BYTES):
                 written += len(chunk)
                 if written > room:
                     raise _TooLarge()
@@ -442,17 +307,17 @@ class LiveUploads:
 
         def check(row) -> None:  # asked again by a storage shared by several workers, under its row lock
             if row is None:
-                raise _not_found()
+                raise not_found()
             _check_appendable(row["received"], row["state"], row["status"], offset)
 
         try:
             received = self.storage.append(upload["id"], upload["job_id"], offset, length, body(), check)
         except _TooLarge:
             self._finalize(upload)
-            raise _too_large(max_bytes, upload["received"]) from None
+            raise too_large(max_bytes, upload["received"]) from None
         except FileNotFoundError:  # the job ended meanwhile (its live transcription failed) and its audio went
             raise ApiError(403, "upload_finished", "this upload's job has ended: it takes no more data") from None
-        upload = self._row(upload["id"])
+        upload = self.row(upload["id"])
         with self._cond:
             if upload["id"] in self._progress:
                 self._progress[upload["id"]] = (received, False)
@@ -460,10 +325,10 @@ class LiveUploads:
         complete = length is not None and received >= length
         if not upload["probed"] and (received >= PROBE_BYTES or (complete and received)):
             self._probe(upload)
-            self._start_transcribing(self._row(upload["id"]))
+            self._start_transcribing(self.row(upload["id"]))
         if complete:
             self._finalize(upload)
-            upload = self._row(upload["id"])
+            upload = self.row(upload["id"])
         return upload
 
     def _probe(self, upload) -> None:
@@ -516,7 +381,7 @@ class LiveUploads:
     def _transcribe(self, upload_id: str, job_id: str) -> None:
         """The engine on the growing file; at its end the job succeeds (or fails) as a worker's would."""
         manager = self.manager
-        job = manager._get(job_id)
+        job = manager.get(job_id)
         options = TranscribeOptions(**{**json.loads(job["options"]), "live": True},
                                     max_duration_s=self.settings.max_duration_s)
         last = {"checked": time.monotonic()}
@@ -526,7 +391,7 @@ class LiveUploads:
                 raise _Stopping()
             if time.monotonic() - last["checked"] >= 1.0:
                 last["checked"] = time.monotonic()
-                row = manager._one("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,))
+                row = manager.one("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,))
                 if row is None or row["cancel_requested"] or row["status"] != "receiving":
                     with self._cond:
                         self._cancelled.add(upload_id)
@@ -588,7 +453,7 @@ class LiveUploads:
                 attempt = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()["attempts"]
         if attempt is None:
             return
-        status = manager._finish(job_id, attempt, outcome, result=result, error=error)
+        status = manager.finish(job_id, attempt, outcome, result=result, error=error)
         if result is not None:
             self.state.metrics.observe_transcription(result.duration, time.time() - now)
         log.info("live upload %s: job %s %s", upload_id, job_id, status)
@@ -613,82 +478,13 @@ class LiveUploads:
         if not failed:  # ended already (another worker found the same idle upload): one outcome, one event
             return
         self.manager.store.delete_audio(upload["job_id"])
-        self.manager._publish_outcome(upload["job_id"])  # the event stream ends with job.failed, as a job's does
+        self.manager.publish_outcome(upload["job_id"])  # the event stream ends with job.failed, as a job's does
         log.info("live upload %s: job %s failed (%s)", upload["id"], upload["job_id"], code)
 
     # -- helpers -------------------------------------------------------------------------------------------
 
-    def _check_request(self) -> None:
-        version = request.headers.get("Tus-Resumable")
-        if version is None:  # not a tus request at all; 412 is for a version the server does not speak (tus 1.0)
-            raise ApiError(400, "tus_resumable_required", f"send Tus-Resumable: {TUS_VERSION} (tus 1.0)",
-                           headers={"Tus-Version": TUS_VERSION})
-        if version != TUS_VERSION:
-            raise ApiError(412, "unsupported_tus_version", f"send Tus-Resumable: {TUS_VERSION} (tus 1.0)",
-                           headers={"Tus-Version": TUS_VERSION})
-
-    @staticmethod
-    def _checksum():
-        raw = request.headers.get("Upload-Checksum")
-        if raw is None:
-            return None
-        algorithm, _, value = raw.strip().partition(" ")
-        if algorithm not in CHECKSUMS:
-            raise ApiError(400, "unsupported_checksum_algorithm",
-                           f"Upload-Checksum: this server checks {', '.join(CHECKSUMS)}")
-        try:
-            return CHECKSUMS[algorithm], base64.b64decode(value.strip(), validate=True)
-        except binascii.Error as exc:
-            raise ApiError(400, "invalid_upload_checksum", "Upload-Checksum: the value is not base64") from exc
-
-    def _owned(self, upload_id: str):
-        """The upload, if the API key's client owns it or the live grant that created it is presented."""
-        authorization = request.headers.get("Authorization")
-        upload = self._row(upload_id)
-        if grants.is_grant(authorization):
-            grant = grants.verify(self.state.keyring, authorization)
-            g.principal = grant.principal
-            if not grant.live:
-                raise _one_shot_grant()
-            if upload is None or (upload["owner"], upload["grant_key"]) != (grant.principal.owner,
-                                                                           grant.idempotency_key):
-                raise _not_found()
-            return upload
-        principal = self.state.authenticate()
-        if upload is None or upload["owner"] != principal.owner:
-            raise _not_found()
-        return upload
-
-    def _row(self, upload_id: str):
-        rows = self.manager.store.query("SELECT * FROM live_uploads WHERE id = ?", (upload_id,))
-        return rows[0] if rows else None
-
     def _path(self, job_id: str):
         return self.storage.path(job_id)  # the live transcription's GrowingFile: the spool's storage only
-
-    def _upload_headers(self, upload) -> dict[str, str]:
-        headers = {"Upload-Offset": str(upload["received"]), "Whisper-Job-Id": upload["job_id"]}
-        if upload["id"] in self.transcribed_s:  # how far the live transcription has gone, in seconds of audio
-            headers["Whisper-Transcribed-S"] = f"{self.transcribed_s[upload['id']]:.1f}"
-        if upload["length"] is not None:
-            headers["Upload-Length"] = str(upload["length"])
-        else:
-            headers["Upload-Defer-Length"] = "1"
-        if upload["state"] == "receiving":
-            expires = upload["updated_at"] + self.settings.live_idle_timeout_s
-            headers["Upload-Expires"] = formatdate(expires, usegmt=True)
-        return headers
-
-    def _replayed(self, job):
-        """The upload an idempotency key already created (a retried POST): where it is, as tus expects."""
-        rows = self.manager.store.query("SELECT * FROM live_uploads WHERE job_id = ?", (job["id"],))
-        if not rows:
-            raise ApiError(409, "idempotency_key_in_use", "this idempotency key names a job that is not a live upload")
-        response = Response(status=201)
-        response.headers.update(self._upload_headers(rows[0]))
-        response.headers["Location"] = f"/v1/live/{rows[0]['id']}"
-        response.headers["Idempotent-Replayed"] = "true"
-        return response
 
     @contextlib.contextmanager
     def _lock(self, upload_id: str):
@@ -717,15 +513,11 @@ def _check_appendable(received: int, state: str, job_status: str | None, offset:
                        "ask HEAD for the offset and resume from there")
 
 
-def _one_shot_grant() -> ApiError:
-    return grants.not_accepted("this upload grant creates a job with POST /v1/jobs; ask for one with live=true")
-
-
-def _not_found() -> ApiError:
+def not_found() -> ApiError:
     return ApiError(404, "upload_not_found", "no such live upload for this API key (or it was terminated)")
 
 
-def _too_large(max_bytes: int, received: int) -> ApiError:
+def too_large(max_bytes: int, received: int) -> ApiError:
     return ApiError(413, "upload_too_large",
                     f"a live upload holds at most {max_bytes // (1024 * 1024)} MB: this data was refused, and the "
                     f"job goes on with the {received} bytes received before it")

@@ -136,7 +136,7 @@ class DatabaseStorage:
 def storage_for(manager):
     """The storage that goes with the manager's job backend."""
     if manager.store.shared:
-        from .jobs_pg import CHUNK
+        from .postgres import CHUNK
 
         return DatabaseStorage(manager.store, CHUNK)
     return SpoolStorage(manager.store, manager.spool)

@@ -25,8 +25,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import ApiError
-from .jobs import SCHEMA, DuplicateJob
+from ..errors import ApiError
+from .schema import SCHEMA, DuplicateJob
 
 log = logging.getLogger("pilotys_whisper.jobs")
 

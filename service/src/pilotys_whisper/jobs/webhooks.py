@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .errors import ApiError
+from ..errors import ApiError
 
 USER_AGENT = "pilotys-whisper-webhook/1"
 

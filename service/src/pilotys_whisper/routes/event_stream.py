@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 from flask import Response
 
-from .errors import ApiError
-from .job_events import TERMINAL
+from ..errors import ApiError
+from ..jobs.events import TERMINAL
 
 KEEPALIVE_S = 15.0  # a comment line this often: proxies keep the connection, a gone client is noticed
 POLL_S = 1.0  # events another worker published (PostgreSQL) are seen within this
@@ -119,7 +119,7 @@ def job_events(manager, job_id: str, after: int, gone: Callable[[], bool] = lamb
                 return
         if events:
             continue
-        row = manager.job_row(job_id)
+        row = manager.get(job_id)
         if row is None:  # purged meanwhile
             return
         state = (row["status"], round(row["progress"], 4))

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from .errors import ApiError
+from ..errors import ApiError
 from .event_stream import sse
 
 log = logging.getLogger("pilotys_whisper")
