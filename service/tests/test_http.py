@@ -439,7 +439,8 @@ def test_queue_full_gives_429_and_health_stays_fast(served, audio, monkeypatch):
         assert time.monotonic() < deadline, "the second request never queued"
         time.sleep(0.05)
     probed = []
-    monkeypatch.setattr(transcription, "probe", lambda path, probe=transcription.probe: probed.append(path) or probe(path))
+    real_probe = transcription.probe
+    monkeypatch.setattr(transcription, "probe", lambda path: probed.append(path) or real_probe(path))
     _post_file(url, audio, results, 2)
     busy = results[2]
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
