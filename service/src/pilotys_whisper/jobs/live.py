@@ -170,12 +170,9 @@ class LiveUploads:
                length: int | None, callback_url: str | None, idempotency_key: str | None,
                grant_key: str | None = None):
         """A new upload and its job, waiting for audio; (the upload's row, replayed): replayed when the
-        idempotency key already named a live upload (that one, nothing created)."""
+        idempotency key named a live upload by then (that one, nothing created). The route looks the key up
+        before checking the fields; this catches a creation with the same key that committed meanwhile."""
         manager = self.manager
-        if idempotency_key:
-            existing = manager.by_idempotency_key(owner, idempotency_key)
-            if existing is not None:
-                return self.upload_of_job(existing), True
         manager.check_free_space(length or 0)
         stored = {k: v for k, v in asdict(options).items() if k != "max_duration_s"}
         job_id = "job_" + uuid.uuid4().hex
